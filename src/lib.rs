@@ -1,0 +1,27 @@
+//! lb: a Layer-4 (TCP) load balancer with active health checking, built to sit in
+//! front of long-lived WebSocket connection servers.
+//!
+//! Data flows one way: config -> backend set -> (accept -> pick -> connect -> splice).
+//! The health checker is the only writer of the backend set; the data plane only
+//! reads immutable snapshots of it.
+//!
+//! # Layout
+//! - [`config`]: `lb.toml` file types, defaults, `validate()`, errors naming file/line/key.
+//! - [`balancer`]: per-service backend set: `ArcSwap` healthy snapshot, selection policies.
+//! - [`proxy`]: data plane: listeners (socket2), accept loop, connect + retry, splice.
+//! - [`health`]: control plane: tcp/http checks, rise/fall state, one loop per backend.
+//! - [`httpc`]: one-shot HTTP GET (health checks, the demo).
+//! - [`server`]: wires config, balancer, proxy and health together for `lb run`.
+//! - [`shutdown`]: SIGINT/SIGTERM as one future.
+//! - [`ws`]: bundled WebSocket backend, client, tokens and presence registry.
+//! - [`demo`]: the orchestrated failover demo (`lb demo`).
+
+pub mod balancer;
+pub mod config;
+pub mod demo;
+pub mod health;
+pub mod httpc;
+pub mod proxy;
+pub mod server;
+pub mod shutdown;
+pub mod ws;

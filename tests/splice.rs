@@ -1,0 +1,189 @@
+//! Data-plane behaviour through a real `lb run`: half-close, large payloads, slow
+//! readers, idle timeout, no CLOSE-WAIT left behind.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+fn connect(addr: std::net::SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+#[test]
+fn half_close_with_megabytes_then_reply_after_client_fin() {
+    const LEN: usize = 3 * 1024 * 1024;
+    // Backend: read everything until the client's FIN, then answer with the length and
+    // the payload reversed, then close.
+    let backend = TcpServer::start(|mut s| {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        if got.is_empty() {
+            return; // a health check
+        }
+        let mut reply = format!("{}\n", got.len()).into_bytes();
+        reply.extend(got.iter().rev());
+        s.write_all(&reply).unwrap();
+    });
+    let listen = free_addr();
+    let (_dir, cfg) = write_config(&one_service(
+        listen,
+        &[("b", backend.addr)],
+        "",
+        "check = \"tcp\"",
+    ));
+    let lb = start_lb(&cfg);
+
+    let mut c = connect(listen);
+    let payload = pattern(LEN);
+    c.write_all(&payload).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    c.read_to_end(&mut reply).unwrap();
+    let header = format!("{LEN}\n");
+    assert!(
+        reply.starts_with(header.as_bytes()),
+        "reply header {:?}",
+        &reply[..20.min(reply.len())]
+    );
+    let body = &reply[header.len()..];
+    assert_eq!(body.len(), LEN);
+    assert!(body.iter().eq(payload.iter().rev()), "reply body differs");
+    drop(c);
+    lb.wait_for_line(
+        &[
+            "connection closed",
+            "reason=\"client_closed\"",
+            &format!("bytes_in={LEN}"),
+        ],
+        Duration::from_secs(5),
+    );
+    assert_eventually!(
+        Duration::from_secs(5),
+        close_wait_sockets(&[listen.port(), backend.addr.port()]) == 0,
+        "no CLOSE-WAIT sockets"
+    );
+}
+
+#[test]
+fn large_reply_then_immediate_close_to_slow_reader_loses_nothing() {
+    const LEN: usize = 8 * 1024 * 1024;
+    let backend = TcpServer::start(|mut s| {
+        let mut req = [0u8; 4];
+        if s.read_exact(&mut req).is_err() {
+            return; // a health check
+        }
+        s.write_all(&pattern(LEN)).unwrap();
+        // close() at once: everything not yet taken by lb sits in the kernel buffers.
+    });
+    let listen = free_addr();
+    let (_dir, cfg) = write_config(&one_service(
+        listen,
+        &[("b", backend.addr)],
+        "",
+        "check = \"tcp\"",
+    ));
+    let _lb = start_lb(&cfg);
+
+    let mut c = connect(listen);
+    c.write_all(b"GET!").unwrap();
+    let mut got = Vec::with_capacity(LEN);
+    let mut buf = [0u8; 64 * 1024];
+    let start = Instant::now();
+    loop {
+        let n = c.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        // Slow reader for the first half second: lb must hold the rest, not drop it.
+        if start.elapsed() < Duration::from_millis(500) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert_eq!(got.len(), LEN, "bytes received");
+    assert!(got == pattern(LEN), "content differs");
+}
+
+#[test]
+fn idle_timeout_frees_both_sides() {
+    let backend = TcpServer::echo();
+    let listen = free_addr();
+    let (_dir, cfg) = write_config(&one_service(
+        listen,
+        &[("b", backend.addr)],
+        "idle_timeout = \"700ms\"",
+        "check = \"tcp\"",
+    ));
+    let lb = start_lb(&cfg);
+
+    let mut c = connect(listen);
+    c.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    c.read_exact(&mut buf).unwrap();
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    let waited = t.elapsed();
+    assert!(rest.is_empty());
+    assert!(
+        waited >= Duration::from_millis(600) && waited < Duration::from_secs(3),
+        "closed after {waited:?}, expected about 700ms"
+    );
+    lb.wait_for_line(&["reason=\"idle_timeout\""], Duration::from_secs(2));
+    drop(c);
+    assert_eventually!(
+        Duration::from_secs(5),
+        close_wait_sockets(&[listen.port(), backend.addr.port()]) == 0,
+        "no CLOSE-WAIT sockets"
+    );
+}
+
+#[test]
+fn backend_reset_resets_client_promptly() {
+    // Backend answers one message then aborts with RST (SO_LINGER 0), like a crash.
+    let backend = TcpServer::start(|mut s| {
+        let mut buf = [0u8; 5];
+        if s.read_exact(&mut buf).is_err() {
+            return; // a health check
+        }
+        s.write_all(b"bye").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    });
+    let listen = free_addr();
+    let (_dir, cfg) = write_config(&one_service(
+        listen,
+        &[("b", backend.addr)],
+        "",
+        "check = \"tcp\"",
+    ));
+    let lb = start_lb(&cfg);
+    let mut c = connect(listen);
+    c.write_all(b"hello").unwrap();
+    let mut got = [0u8; 3];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"bye");
+    let t = Instant::now();
+    let r = c.read(&mut [0u8; 16]);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "client not closed promptly"
+    );
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "client should see the reset, got {r:?}"
+    );
+    lb.wait_for_line(&["reason=\"backend_reset\""], Duration::from_secs(2));
+}

@@ -1,0 +1,348 @@
+//! Shared helpers for the integration tests: spawn the real `lb` binary, find free
+//! loopback ports, wait with deadlines. Every child process is killed on drop.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Path of the `lb` binary built for these tests.
+pub fn lb_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_lb"))
+}
+
+/// A loopback port that was free a moment ago (bind to 0, read, release).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// Waits until `cond` holds or `timeout` passes; panics with `what` on timeout.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}");
+}
+
+/// `assert_eventually!(timeout, cond, "what")`: poll `cond` until it holds, panic on the deadline.
+#[macro_export]
+macro_rules! assert_eventually {
+    ($timeout:expr, $cond:expr, $($what:tt)+) => {
+        $crate::support::wait_until($timeout, &format!($($what)+), || $cond)
+    };
+}
+
+/// A child process whose stderr/stdout lines are collected; killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Spawns `lb ARGS...` with `LB_LOG=info` unless overridden in `envs`.
+    pub fn spawn(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(lb_bin());
+        cmd.args(args)
+            .env("LB_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn lb");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let lines = lines.clone();
+            let tag = name.to_string();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if std::env::var_os("LB_TEST_VERBOSE").is_some() {
+                        eprintln!("[{tag}] {line}");
+                    }
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        Proc {
+            child,
+            name: name.to_string(),
+            lines,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// All output lines so far (stdout and stderr interleaved).
+    pub fn output(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Number of output lines containing every one of `needles`.
+    pub fn count_lines(&self, needles: &[&str]) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
+    }
+
+    /// Waits for an output line containing every one of `needles`; returns it.
+    pub fn wait_for_line(&self, needles: &[&str], timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return l.clone();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{}: no line with {:?} within {:?}; output:\n{}",
+                    self.name,
+                    needles,
+                    timeout,
+                    self.output().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on a pid we spawned and still own (not yet reaped).
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits for the process to exit within `timeout`; returns its exit code (None if signalled).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} did not exit within {:?}; output:\n{}",
+                    self.name,
+                    timeout,
+                    self.output().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // A SIGSTOPped child ignores nothing but SIGKILL, which works on stopped processes too.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `lb backend --listen 127.0.0.1:0 --id ID` and waits until it prints its bound address.
+pub fn spawn_backend(id: &str) -> (Proc, SocketAddr) {
+    spawn_backend_with(id, &[])
+}
+
+/// Like [`spawn_backend`] with extra arguments.
+pub fn spawn_backend_with(id: &str, extra: &[&str]) -> (Proc, SocketAddr) {
+    let mut args = vec!["backend", "--listen", "127.0.0.1:0", "--id", id];
+    args.extend_from_slice(extra);
+    let p = Proc::spawn(id, &args, &[]);
+    let line = p.wait_for_line(&["listening on"], Duration::from_secs(10));
+    let addr = line
+        .rsplit("listening on ")
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse address from {line:?}"));
+    (p, addr)
+}
+
+/// Writes `toml` to a fresh temp file and returns its path (the directory lives for the test).
+pub fn write_config(toml: &str) -> (tempdir::TempDir, PathBuf) {
+    let dir = tempdir::TempDir::new();
+    let path = dir.path().join("lb.toml");
+    std::fs::write(&path, toml).unwrap();
+    (dir, path)
+}
+
+/// Starts `lb run -c PATH` and waits until its listeners are bound.
+pub fn start_lb(config_path: &std::path::Path) -> Proc {
+    let p = Proc::spawn("lb", &["run", "-c", config_path.to_str().unwrap()], &[]);
+    p.wait_for_line(&["ready"], Duration::from_secs(10));
+    p
+}
+
+/// A tiny self-deleting temporary directory (no extra crate needed).
+pub mod tempdir {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub fn new() -> TempDir {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "lb-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A TCP server in this test process, for behaviours the bundled backend does not show.
+/// `handler` runs on its own thread per connection. Stops accepting on drop.
+pub struct TcpServer {
+    pub addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TcpServer {
+    pub fn start(handler: impl Fn(std::net::TcpStream) + Send + Sync + 'static) -> TcpServer {
+        Self::start_on(free_addr(), handler)
+    }
+
+    pub fn start_on(
+        addr: SocketAddr,
+        handler: impl Fn(std::net::TcpStream) + Send + Sync + 'static,
+    ) -> TcpServer {
+        let listener = TcpListener::bind(addr).unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let handler = Arc::new(handler);
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        stream.set_nonblocking(false).unwrap();
+                        let h = handler.clone();
+                        std::thread::spawn(move || h(stream));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        TcpServer { addr, stop }
+    }
+
+    /// An echo server: writes back what it reads, passes EOF on as shutdown(write).
+    pub fn echo() -> TcpServer {
+        Self::start(echo_handler)
+    }
+}
+
+pub fn echo_handler(mut s: std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 16384];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // The accept loop polls the flag; wait a moment so the port is really closed.
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
+/// A config with one service `svc` on `listen` in front of `backends` (name, addr);
+/// `extra_service` lines go into [[service]], `health` lines into [service.health].
+pub fn one_service(
+    listen: SocketAddr,
+    backends: &[(&str, SocketAddr)],
+    extra_service: &str,
+    health: &str,
+) -> String {
+    let mut s = format!(
+        "[[service]]\nname = \"svc\"\nlisten = \"{listen}\"\n{extra_service}\n[service.health]\n{health}\n"
+    );
+    for (name, addr) in backends {
+        s.push_str(&format!(
+            "\n[[service.backend]]\nname = \"{name}\"\naddr = \"{addr}\"\n"
+        ));
+    }
+    s
+}
+
+/// Sockets in CLOSE-WAIT (we were sent a FIN and never closed) whose local or remote
+/// port is one of `ports`, read from /proc/net/tcp{,6}.
+pub fn close_wait_sockets(ports: &[u16]) -> usize {
+    let mut n = 0;
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 4 || cols[3] != "08" {
+                continue;
+            }
+            let port =
+                |c: &str| u16::from_str_radix(c.rsplit(':').next().unwrap_or(""), 16).unwrap_or(0);
+            if ports.contains(&port(cols[1])) || ports.contains(&port(cols[2])) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
