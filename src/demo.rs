@@ -268,18 +268,13 @@ async fn run_scenario(
 
     // 3. Watch: the balancer's verdict and every affected user's return.
     let deadline = t0 + args.deadline;
-    let mut marked_down = None;
+    let mut marked_down: Option<(Duration, String)> = None;
     let mut back: BTreeMap<String, Duration> = BTreeMap::new();
     loop {
         while let Ok(t) = transitions.try_recv() {
-            if &*t.backend == victim && t.to == BackendState::Down && marked_down.is_none() {
+            if *t.backend == *victim && t.to == BackendState::Down && marked_down.is_none() {
                 let at = Instant::from_std(t.at).saturating_duration_since(t0);
-                marked_down = Some(at);
-                println!(
-                    "+{:>6} ms balancer marked {victim} down ({})",
-                    ms(at),
-                    t.reason
-                );
+                marked_down = Some((at, t.reason.clone()));
             }
         }
         for u in fleet.users() {
@@ -294,31 +289,42 @@ async fn run_scenario(
             }
         }
         let all_back = back.len() == affected.len() && fleet.online_count() == args.clients;
-        if all_back && marked_down.is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
+        if (all_back && marked_down.is_some()) || Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    // 4. The timeline.
+    // 4. The timeline, in time order.
     let mut times: Vec<Duration> = back.values().copied().collect();
     times.sort();
+    let mut timeline: Vec<(Duration, String)> = Vec::new();
+    if let Some((at, reason)) = &marked_down {
+        timeline.push((*at, format!("balancer marked {victim} down ({reason})")));
+    }
     if let (Some(first), Some(last)) = (times.first(), times.last()) {
-        println!("+{:>6} ms first user back online", ms(*first));
-        println!("+{:>6} ms last user back online", ms(*last));
+        timeline.push((*first, "first user back online".into()));
+        timeline.push((
+            percentile(&times, 50.0),
+            "half of the users back online".into(),
+        ));
+        timeline.push((*last, format!("all {} users back online", times.len())));
+    }
+    timeline.sort_by_key(|(at, _)| *at);
+    for (at, what) in &timeline {
+        println!("+{:>6} ms {what}", ms(*at));
     }
     let lost = affected.len() - back.len();
     let after = fleet.online_by_server();
     println!("\nfailover of {} users from {victim}:", affected.len());
     println!(
         "  balancer marked it down at: {}",
-        marked_down.map_or("never (within the deadline)".to_string(), |d| format!(
-            "+{} ms",
-            ms(d)
-        ))
+        marked_down
+            .as_ref()
+            .map_or("never (within the deadline)".to_string(), |(d, _)| format!(
+                "+{} ms",
+                ms(*d)
+            ))
     );
     println!(
         "  back online after fault:    p50 {} ms, p95 {} ms, p99 {} ms, max {} ms",

@@ -95,8 +95,8 @@ impl Raw {
         self.s.write_all(&f).await.unwrap();
     }
 
-    /// Reads one (unmasked, server) frame: (fin, opcode, payload).
-    async fn recv(&mut self) -> (bool, u8, Vec<u8>) {
+    /// Reads one (unmasked, server) frame.
+    async fn recv(&mut self) -> Frame {
         loop {
             if let Some((frame, used)) = parse_frame(&self.buf) {
                 self.buf.drain(..used);
@@ -107,8 +107,11 @@ impl Raw {
     }
 }
 
-/// Parses one server frame from the front of `b`, if complete.
-fn parse_frame(b: &[u8]) -> Option<((bool, u8, Vec<u8>), usize)> {
+/// One received frame: (fin, opcode, payload).
+type Frame = (bool, u8, Vec<u8>);
+
+/// Parses one server frame from the front of `b`, if complete; returns it and its length.
+fn parse_frame(b: &[u8]) -> Option<(Frame, usize)> {
     if b.len() < 2 {
         return None;
     }

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -255,6 +256,8 @@ struct Shared {
     disconnects: AtomicU64,
     /// Connect attempts that did not get a user online.
     failed_attempts: AtomicU64,
+    /// Users that have been online at least once.
+    first_online: AtomicUsize,
 }
 
 /// Locks a mutex, ignoring poisoning: the state is plain data, valid after any panic.
@@ -293,7 +296,15 @@ impl Shared {
                 lock(&self.reconnect_ms).push(ms);
                 info!("{name} back online on {server} after {ms} ms");
             }
-            None => debug!("{name} online on {server}"),
+            None => {
+                debug!("{name} online on {server}");
+                // One line a person (or a test) can wait for instead of polling.
+                let n = self.first_online.fetch_add(1, Ordering::Relaxed) + 1;
+                if n == self.users.len() {
+                    let ms = self.started.elapsed().as_millis();
+                    info!("all {n} users online after {ms} ms");
+                }
+            }
         }
     }
 
@@ -485,6 +496,7 @@ impl Fleet {
             reconnect_ms: Mutex::new(Vec::new()),
             disconnects: AtomicU64::new(0),
             failed_attempts: AtomicU64::new(0),
+            first_online: AtomicUsize::new(0),
         });
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -785,7 +797,7 @@ async fn session(
                     return Outcome::Dead { was_online: online, at, reason };
                 }
                 Some(Ok(_)) => {}
-                Some(Err(e)) => break format!("read error: {e}"),
+                Some(Err(e)) => break read_error(&e),
                 None => break "connection closed".to_string(),
             },
         }
@@ -794,6 +806,19 @@ async fn session(
         was_online: online,
         at: Instant::now(),
         reason,
+    }
+}
+
+/// Short reason for a read error, for the "offline" log line.
+fn read_error(e: &WsError) -> String {
+    match e {
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            "connection closed without a close frame".to_string()
+        }
+        WsError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset => {
+            "connection reset".to_string()
+        }
+        other => format!("read error: {other}"),
     }
 }
 

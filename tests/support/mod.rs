@@ -59,14 +59,18 @@ impl Proc {
     /// Spawns `lb ARGS...` with `LB_LOG=info` unless overridden in `envs`.
     pub fn spawn(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
         let mut cmd = Command::new(lb_bin());
-        cmd.args(args)
-            .env("LB_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args(args).env("LB_LOG", "info");
         for (k, v) in envs {
             cmd.env(k, v);
         }
+        Proc::spawn_cmd(name, cmd)
+    }
+
+    /// Spawns a prepared command, collecting its output.
+    pub fn spawn_cmd(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn lb");
         let lines = Arc::new(Mutex::new(Vec::new()));
         for stream in [
@@ -89,6 +93,11 @@ impl Proc {
             name: name.to_string(),
             lines,
         }
+    }
+
+    /// True while the process has not exited.
+    pub fn child_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn pid(&self) -> i32 {
