@@ -378,3 +378,15 @@ async fn silent_client_is_dropped_after_client_timeout() {
         }
     }
 }
+
+#[tokio::test]
+async fn sigterm_closes_sessions_with_1001_and_exits_cleanly() {
+    let (mut b, addr) = support::spawn_backend("s1");
+    let mut ws = ws_connect(addr, "leaving").await;
+    b.signal(libc::SIGTERM);
+    match next(&mut ws).await {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Away),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    assert_eq!(b.wait_exit(WAIT), Some(0));
+}

@@ -187,3 +187,13 @@ fn readable_summary_without_json() {
     p.wait_for_line(&["s1", "2"], WAIT);
     p.wait_for_line(&["never back", "0"], WAIT);
 }
+
+#[test]
+fn sigterm_stops_the_client_with_a_summary() {
+    let (_b, addr) = support::spawn_backend("s1");
+    let c = client(addr, 2, &[]);
+    c.wait_for_line(&["all 2 users online"], WAIT);
+    c.signal(libc::SIGTERM);
+    let s = summary(c);
+    assert_eq!(s["per_server"], serde_json::json!({"s1": 2}));
+}

@@ -153,7 +153,7 @@ pub async fn main(args: BackendArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {
-        super::terminate_signal().await;
+        crate::shutdown::signal().await;
         info!("shutting down");
         trigger.cancel();
     });
@@ -163,14 +163,25 @@ pub async fn main(args: BackendArgs) -> anyhow::Result<()> {
 
 /// Serves WebSocket sessions on `listener` until `shutdown` is cancelled, then
 /// closes sessions with 1001 (Going Away) and waits briefly for them to end.
+/// Presence is kept in a registry private to this server.
 pub async fn serve(
     listener: TcpListener,
     opts: BackendOpts,
     shutdown: CancellationToken,
 ) -> Result<(), BackendError> {
+    serve_with_presence(listener, opts, LocalPresence::shared(), shutdown).await
+}
+
+/// Like [`serve`], recording presence in `presence` (e.g. one shared by several servers).
+pub async fn serve_with_presence(
+    listener: TcpListener,
+    opts: BackendOpts,
+    presence: Arc<dyn Presence>,
+    shutdown: CancellationToken,
+) -> Result<(), BackendError> {
     let shared = Arc::new(Shared {
         opts,
-        presence: LocalPresence::shared(),
+        presence,
         next_conn: AtomicU64::new(1),
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
@@ -313,7 +324,17 @@ fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<Byt
     };
     let key = match check_upgrade_request(&req) {
         Ok(key) => key,
-        Err(resp) => return resp,
+        Err((status, why)) => {
+            let mut resp = text(status, why);
+            if status == StatusCode::UPGRADE_REQUIRED {
+                // RFC 6455 §4.4: tell the client which version we speak.
+                resp.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+            return resp;
+        }
     };
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -363,47 +384,28 @@ fn header_has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool 
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Checks RFC 6455 §4.2.1 requirements; returns the Sec-WebSocket-Key or the error response.
-#[allow(clippy::result_large_err)] // the Err is the response we send, built once per request
-fn check_upgrade_request(req: &Request<Incoming>) -> Result<String, Response<Full<Bytes>>> {
+/// Checks RFC 6455 §4.2.1 requirements; returns the Sec-WebSocket-Key, or the
+/// status and text to refuse the request with.
+fn check_upgrade_request(req: &Request<Incoming>) -> Result<String, (StatusCode, &'static str)> {
+    let bad = |why| Err((StatusCode::BAD_REQUEST, why));
     let h = req.headers();
     if req.version() != Version::HTTP_11 {
-        return Err(text(
-            StatusCode::BAD_REQUEST,
-            "websocket upgrade requires HTTP/1.1\n",
-        ));
+        return bad("websocket upgrade requires HTTP/1.1\n");
     }
     if !header_has_token(h, header::UPGRADE, "websocket") {
-        return Err(text(
-            StatusCode::BAD_REQUEST,
-            "expected Upgrade: websocket\n",
-        ));
+        return bad("expected Upgrade: websocket\n");
     }
     if !header_has_token(h, header::CONNECTION, "upgrade") {
-        return Err(text(
-            StatusCode::BAD_REQUEST,
-            "expected Connection: Upgrade\n",
-        ));
+        return bad("expected Connection: Upgrade\n");
     }
     match h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) {
-        None => {
-            return Err(text(
-                StatusCode::BAD_REQUEST,
-                "missing Sec-WebSocket-Version\n",
-            ));
-        }
+        None => return bad("missing Sec-WebSocket-Version\n"),
         Some(b"13") => {}
         Some(_) => {
-            // RFC 6455 §4.4: tell the client which version we speak.
-            let mut resp = text(
+            return Err((
                 StatusCode::UPGRADE_REQUIRED,
                 "unsupported Sec-WebSocket-Version (need 13)\n",
-            );
-            resp.headers_mut().insert(
-                header::SEC_WEBSOCKET_VERSION,
-                HeaderValue::from_static("13"),
-            );
-            return Err(resp);
+            ));
         }
     }
     match h
@@ -411,7 +413,7 @@ fn check_upgrade_request(req: &Request<Incoming>) -> Result<String, Response<Ful
         .and_then(|v| v.to_str().ok())
     {
         Some(key) if !key.trim().is_empty() => Ok(key.trim().to_string()),
-        _ => Err(text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n")),
+        _ => bad("missing Sec-WebSocket-Key\n"),
     }
 }
 
@@ -450,6 +452,15 @@ impl fmt::Display for EndReason {
     }
 }
 
+/// The first message of every session: which server and which user this is.
+#[derive(serde::Serialize)]
+struct Welcome<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    server: &'a str,
+    user: &'a str,
+}
+
 /// Socket type of an upgraded session.
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -482,8 +493,13 @@ async fn session(upgraded: Upgraded, user: String, shared: Arc<Shared>) {
 /// The session loop: welcome, then echo until the client leaves, misbehaves or goes quiet.
 async fn run_session(ws: &mut Ws, user: &str, shared: &Shared) -> EndReason {
     let idle = shared.opts.client_timeout;
-    let welcome = serde_json::json!({"type": "welcome", "server": shared.opts.id, "user": user});
-    match tokio::time::timeout(idle, ws.send(Message::text(welcome.to_string()))).await {
+    let welcome = serde_json::to_string(&Welcome {
+        kind: "welcome",
+        server: &shared.opts.id,
+        user,
+    })
+    .unwrap_or_default();
+    match tokio::time::timeout(idle, ws.send(Message::text(welcome))).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return EndReason::Error(e.to_string()),
         Err(_) => return EndReason::Error("welcome not accepted in time".into()),

@@ -870,7 +870,7 @@ pub async fn main(args: ClientArgs) -> anyhow::Result<()> {
     };
     tokio::select! {
         _ = stop_after => {}
-        _ = super::terminate_signal() => info!("stopping"),
+        _ = crate::shutdown::signal() => info!("stopping"),
         _ = run => {}
     }
     let summary = fleet.stop().await;

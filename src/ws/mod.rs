@@ -11,29 +11,3 @@ pub mod backend;
 pub mod client;
 pub mod registry;
 pub mod token;
-
-/// Resolves on the first SIGINT (Ctrl-C) or SIGTERM.
-pub(crate) async fn terminate_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    // If a handler cannot be installed, that signal keeps its default action
-    // (terminate), which is an acceptable fallback for these two commands.
-    let mut term = signal(SignalKind::terminate()).ok();
-    let term = async {
-        match term.as_mut() {
-            Some(s) => {
-                s.recv().await;
-            }
-            None => std::future::pending::<()>().await,
-        }
-    };
-    let interrupt = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            // No SIGINT handler: rely on SIGTERM alone rather than stopping at once.
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        _ = interrupt => {}
-        _ = term => {}
-    }
-}
