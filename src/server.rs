@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
+use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -56,6 +56,8 @@ impl Balancer {
     /// Starts checkers and accept loops on already bound `listeners` (one per service,
     /// in order); returns once the first health round is done.
     pub async fn start(config: Config, listeners: Vec<TcpListener>) -> Balancer {
+        raise_fd_limit();
+        let fd_budget = Arc::new(Semaphore::new(connection_capacity(&config)));
         let (events, _) = broadcast::channel(1024);
         let stop_accepting = CancellationToken::new();
         let stop_checks = CancellationToken::new();
@@ -70,7 +72,7 @@ impl Balancer {
                 &background,
                 &stop_checks,
             ));
-            services.push(Arc::new(Service::new(s, set)));
+            services.push(Arc::new(Service::new(s, set, fd_budget.clone())));
         }
         for f in first_rounds {
             f.await;
@@ -141,7 +143,6 @@ impl Balancer {
 /// The whole of `lb run` after the config is loaded: bind, start, serve until
 /// `shutdown` resolves, drain, return.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-    raise_fd_limit();
     let listeners = Balancer::bind(&config)?;
     let balancer = Balancer::start(config, listeners).await;
     let (healthy, total) = balancer.healthy_count();
@@ -163,12 +164,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 /// Raises the soft open-file limit to the hard one: each proxied connection costs two
 /// descriptors, so the default soft limit (often 1024) would cap lb at ~500 clients.
 fn raise_fd_limit() {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => tracing::info!(
-            nofile = n,
-            "open-file limit {n}: room for about {} proxied connections",
-            n.saturating_sub(100) / 2
-        ),
-        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!("cannot raise the open-file limit: {e}");
     }
+}
+
+/// How many proxied connections the open-file limit leaves room for: two descriptors
+/// each, after a reserve for listeners, health checks, the runtime and stdio.
+fn connection_capacity(config: &Config) -> usize {
+    let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
+    let reserve = 32 + config.services.len() + backends;
+    let capacity = (nofile as usize).saturating_sub(reserve) / 2;
+    tracing::info!(
+        nofile,
+        capacity,
+        "open-file limit {nofile}: room for {capacity} proxied connections"
+    );
+    capacity.clamp(1, Semaphore::MAX_PERMITS)
 }

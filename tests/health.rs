@@ -50,7 +50,7 @@ fn lb_config(listen: SocketAddr, backends: &[(&str, SocketAddr)], extra: &str) -
 
 #[test]
 fn sigkill_failover_no_new_connection_to_dead_backend() {
-    let (b1, a1) = spawn_backend("s1");
+    let (mut b1, a1) = spawn_backend("s1");
     let (_b2, a2) = spawn_backend("s2");
     let (_b3, a3) = spawn_backend("s3");
     let listen = free_addr();
@@ -72,6 +72,9 @@ fn sigkill_failover_no_new_connection_to_dead_backend() {
     );
 
     b1.signal(libc::SIGKILL);
+    // Reaped: its kernel has closed the listener (a connect racing the kill itself could
+    // still be accepted by the dying process and then reset; no L4 proxy can hide that).
+    b1.wait_exit(Duration::from_secs(5));
     // Immediately, before any check ran: every new connection still lands, and never on s1
     // (the refused connect is retried on another backend).
     for i in 0..30 {

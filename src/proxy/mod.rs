@@ -28,6 +28,10 @@ pub struct Service {
     pub backends: Arc<BackendSet>,
     /// Client connections in flight (each task holds a permit); at the limit accepting pauses.
     pub limit: Arc<Semaphore>,
+    /// Process-wide descriptor budget shared by all services: one permit per proxied
+    /// connection (two fds). Accepting pauses when it runs out, so lb never accepts a
+    /// client it has no descriptor left to connect onwards for (HAProxy's auto maxconn).
+    pub fd_budget: Arc<Semaphore>,
     /// Connection tasks, so shutdown can wait for them to drain.
     pub connections: TaskTracker,
     /// Cancelled when the drain timeout runs out: remaining connections are closed.
@@ -35,9 +39,14 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(config: ServiceConfig, backends: Arc<BackendSet>) -> Service {
+    pub fn new(
+        config: ServiceConfig,
+        backends: Arc<BackendSet>,
+        fd_budget: Arc<Semaphore>,
+    ) -> Service {
         Service {
             limit: Arc::new(Semaphore::new(config.max_connections)),
+            fd_budget,
             config,
             backends,
             connections: TaskTracker::new(),
@@ -54,9 +63,14 @@ pub async fn accept_loop(service: Arc<Service>, listener: TcpListener, stop: Can
     const BACKOFF_MAX: Duration = Duration::from_secs(1);
     let mut backoff = BACKOFF_MIN;
     loop {
-        let permit = tokio::select! {
+        // Both permits before accept(): at either limit the kernel queues new clients.
+        let permits = tokio::select! {
             _ = stop.cancelled() => break,
-            p = service.limit.clone().acquire_owned() => match p {
+            p = async {
+                let service_permit = service.limit.clone().acquire_owned().await?;
+                let fd_permit = service.fd_budget.clone().acquire_owned().await?;
+                Ok::<_, tokio::sync::AcquireError>((service_permit, fd_permit))
+            } => match p {
                 Ok(p) => p,
                 Err(_) => break,
             },
@@ -74,7 +88,7 @@ pub async fn accept_loop(service: Arc<Service>, listener: TcpListener, stop: Can
                 service.connections.clone().spawn(
                     async move {
                         handle(&service, client, peer).await;
-                        drop(permit);
+                        drop(permits);
                     }
                     .instrument(span),
                 );
