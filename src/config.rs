@@ -69,6 +69,16 @@ pub enum OnBackendDown {
     Keep,
 }
 
+/// What happens to the open connections of a backend (or service) removed by a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnRemoval {
+    /// Keep them until they close by themselves.
+    Drain,
+    /// Keep them for up to `drain_timeout`, then close what is left.
+    Close,
+}
+
 /// Which active check a service runs against its backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -77,14 +87,26 @@ pub enum CheckKind {
     Tcp,
     /// `GET path` answers 2xx within the timeout.
     Http,
+    /// No active check: backends are always up (only the passive check applies).
+    None,
 }
 
 /// The whole validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file it was read from (for messages).
     pub path: PathBuf,
     pub services: Vec<ServiceConfig>,
+    /// `[admin]`: absent = no admin API.
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]`: the admin API and metrics endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// When set, every request needs `Authorization: Bearer <token>`.
+    pub token: Option<String>,
 }
 
 /// One `[[service]]`: a listener and the backends behind it.
@@ -98,6 +120,7 @@ pub struct ServiceConfig {
     pub retries: u32,
     pub drain_timeout: Duration,
     pub on_backend_down: OnBackendDown,
+    pub on_removal: OnRemoval,
     /// Most client connections held at once; at the limit, accepting pauses (the kernel queues).
     pub max_connections: usize,
     pub health: HealthConfig,
@@ -135,6 +158,8 @@ pub mod defaults {
     pub const RETRIES: u32 = 2;
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
     pub const ON_BACKEND_DOWN: super::OnBackendDown = super::OnBackendDown::Close;
+    pub const ON_REMOVAL: super::OnRemoval = super::OnRemoval::Drain;
+    pub const ADMIN_LISTEN: &str = "127.0.0.1:9900";
     pub const MAX_CONNECTIONS: usize = 100_000;
     pub const CHECK: super::CheckKind = super::CheckKind::Http;
     pub const PATH: &str = "/healthz";
@@ -154,6 +179,14 @@ pub mod defaults {
 struct FileConfig {
     #[serde(default)]
     service: Vec<Spanned<FileService>>,
+    admin: Option<FileAdmin>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    listen: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -167,6 +200,7 @@ struct FileService {
     retries: Option<u32>,
     drain_timeout: Option<Spanned<String>>,
     on_backend_down: Option<OnBackendDown>,
+    on_removal: Option<OnRemoval>,
     max_connections: Option<Spanned<usize>>,
     #[serde(default)]
     health: Option<FileHealth>,
@@ -438,6 +472,7 @@ impl Validator<'_> {
                     true,
                 )?,
                 on_backend_down: s.on_backend_down.unwrap_or(defaults::ON_BACKEND_DOWN),
+                on_removal: s.on_removal.unwrap_or(defaults::ON_REMOVAL),
                 max_connections,
                 name,
                 listen,
@@ -445,9 +480,38 @@ impl Validator<'_> {
                 backends,
             });
         }
+        let admin = match file.admin {
+            None => None,
+            Some(a) => Some(AdminConfig {
+                listen: match &a.listen {
+                    Some(l) => self.addr(l, "admin.listen".into())?,
+                    None => defaults::ADMIN_LISTEN.parse().expect("valid default"),
+                },
+                token: match a.token {
+                    Some(t) if t.get_ref().trim().is_empty() => {
+                        return Err(self.err(
+                            Some(t.span()),
+                            "admin.token".into(),
+                            "must not be empty (leave it out for no token)",
+                        ));
+                    }
+                    t => t.map(|t| t.into_inner()),
+                },
+            }),
+        };
+        if let Some(a) = &admin {
+            if listens.contains(&a.listen) {
+                return Err(self.err(
+                    None,
+                    "admin.listen".into(),
+                    format!("{} is already the listen address of a service", a.listen),
+                ));
+            }
+        }
         Ok(Config {
             path: self.path.to_path_buf(),
             services,
+            admin,
         })
     }
 

@@ -19,7 +19,8 @@ use tokio::time::Instant;
 
 use crate::balancer::BackendState;
 use crate::config::{
-    BackendConfig, Balance, CheckKind, Config, HealthConfig, OnBackendDown, ServiceConfig,
+    BackendConfig, Balance, CheckKind, Config, HealthConfig, OnBackendDown, OnRemoval,
+    ServiceConfig,
 };
 use crate::server::Balancer;
 use crate::ws::client::{ClientOpts, Fleet};
@@ -136,6 +137,7 @@ fn demo_config(args: &DemoArgs, backends: &Backends) -> Config {
     };
     Config {
         path: PathBuf::from("(demo)"),
+        admin: None,
         services: vec![ServiceConfig {
             name: "chat".into(),
             listen: "127.0.0.1:0".parse().expect("literal address"),
@@ -145,6 +147,7 @@ fn demo_config(args: &DemoArgs, backends: &Backends) -> Config {
             retries: 2,
             drain_timeout: Duration::from_secs(1),
             on_backend_down: OnBackendDown::Close,
+            on_removal: OnRemoval::Drain,
             max_connections: 100_000,
             health,
             backends: backends
@@ -191,7 +194,7 @@ pub async fn main(args: DemoArgs) -> anyhow::Result<()> {
     let config = demo_config(&args, &backends);
     let listeners = Balancer::bind(&config)?;
     let balancer = Balancer::start(config, listeners).await;
-    let lb_addr = balancer.local_addrs[0];
+    let lb_addr = balancer.local_addrs()[0];
     let mut transitions = balancer.subscribe();
     println!("  balancer on {lb_addr} (least-conn, on_backend_down = close)");
 

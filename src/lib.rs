@@ -11,7 +11,9 @@
 //! - [`proxy`]: data plane: listeners (socket2), accept loop, connect + retry, splice.
 //! - [`health`]: control plane: tcp/http checks, rise/fall state, one loop per backend.
 //! - [`httpc`]: one-shot HTTP GET (health checks, the demo).
+//! - [`metrics`]: Prometheus metrics (names, registry, hooks).
 //! - [`server`]: wires config, balancer, proxy and health together for `lb run`.
+//! - [`reload`]: SIGHUP and file watch -> parse, validate, apply as a diff.
 //! - [`shutdown`]: SIGINT/SIGTERM as one future.
 //! - [`ws`]: bundled WebSocket backend, client, tokens and presence registry.
 //! - [`demo`]: the orchestrated failover demo (`lb demo`).
@@ -21,7 +23,9 @@ pub mod config;
 pub mod demo;
 pub mod health;
 pub mod httpc;
+pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod ws;

@@ -27,6 +27,9 @@ enum Command {
         /// Path to the configuration file.
         #[arg(short, long, default_value = "lb.toml")]
         config: PathBuf,
+        /// Do not reload when the file changes on disk (SIGHUP still reloads).
+        #[arg(long)]
+        no_watch: bool,
     },
     /// Validate a configuration file and exit (0 = valid).
     Check {
@@ -58,7 +61,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run { config } => run(config).await,
+            Command::Run { config, no_watch } => run(config, !no_watch).await,
             Command::Check { config } => check(config),
             Command::Backend(args) => lb::ws::backend::main(args).await,
             Command::Client(args) => lb::ws::client::main(args).await,
@@ -104,8 +107,8 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(path: PathBuf) -> anyhow::Result<()> {
+async fn run(path: PathBuf, watch: bool) -> anyhow::Result<()> {
     let config = lb::config::Config::load(&path)?;
-    lb::server::run(config, lb::shutdown::signal()).await?;
+    lb::server::run(config, watch, lb::shutdown::signal()).await?;
     Ok(())
 }

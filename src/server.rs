@@ -1,20 +1,26 @@
-//! `lb run`: binds every service's listener, starts the health checkers and accept
-//! loops, reports ready after the first health round, and drains on shutdown.
+//! The running balancer: binds listeners, starts checkers and accept loops, applies a
+//! new configuration as a diff (hot reload), and drains on shutdown.
+//!
+//! The reloader and the admin API go through [`Balancer`]; the control-plane state sits
+//! behind one mutex that the data plane never touches.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::balancer::{BackendSet, Transition};
-use crate::config::Config;
+use crate::balancer::{Backend, BackendSet, BackendState, Transition};
+use crate::config::{Config, OnRemoval, ServiceConfig};
+use crate::health::{Start, spawn_checker};
 use crate::proxy::{self, Service};
 
-/// Why the balancer could not start.
+/// Why the balancer could not start, or a reload could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("service {service:?}: cannot listen on {addr}: {source}")]
@@ -26,74 +32,166 @@ pub enum ServerError {
     },
 }
 
-/// A running balancer: its services, and the handles to stop it.
-pub struct Balancer {
-    pub services: Vec<Arc<Service>>,
-    /// Bound addresses, in service order (useful when a config says port 0).
-    pub local_addrs: Vec<SocketAddr>,
-    events: broadcast::Sender<Transition>,
+/// Outcome of the reloads so far (admin API, metrics).
+#[derive(Debug, Clone, Default)]
+pub struct ReloadStatus {
+    pub ok: u64,
+    pub failed: u64,
+    /// When the running configuration was last applied (start-up counts).
+    pub last_ok_at: Option<SystemTime>,
+    /// The error of the last reload attempt, if it failed.
+    pub last_error: Option<String>,
+    pub last_attempt_at: Option<SystemTime>,
+}
+
+/// One service as the control plane tracks it.
+struct ServiceEntry {
+    service: Arc<Service>,
+    local_addr: SocketAddr,
     stop_accepting: CancellationToken,
-    stop_checks: CancellationToken,
+    /// Per-backend checker stop tokens, by backend name.
+    checkers: HashMap<Arc<str>, CancellationToken>,
+}
+
+struct State {
+    config: Config,
+    services: Vec<ServiceEntry>,
+    /// Services removed by a reload whose connections still drain.
+    retired: Vec<Arc<Service>>,
+}
+
+/// A running balancer.
+pub struct Balancer {
+    state: Mutex<State>,
+    events: broadcast::Sender<Transition>,
+    fd_budget: Arc<Semaphore>,
+    /// Parent of every checker's stop token.
+    checks: CancellationToken,
     background: TaskTracker,
+    ready: AtomicBool,
+    reload: Mutex<ReloadStatus>,
+}
+
+/// Binds one listener per service, in order; fails before anything starts.
+pub fn bind_all(config: &Config) -> Result<Vec<TcpListener>, ServerError> {
+    config.services.iter().map(bind_service).collect()
+}
+
+fn bind_service(s: &ServiceConfig) -> Result<TcpListener, ServerError> {
+    proxy::bind(s.listen).map_err(|source| ServerError::Bind {
+        service: s.name.clone(),
+        addr: s.listen,
+        source,
+    })
 }
 
 impl Balancer {
-    /// Binds every listener first, so a bad address fails before anything starts.
+    /// Kept for callers that bind first: same as [`bind_all`].
     pub fn bind(config: &Config) -> Result<Vec<TcpListener>, ServerError> {
-        config
-            .services
-            .iter()
-            .map(|s| {
-                proxy::bind(s.listen).map_err(|source| ServerError::Bind {
-                    service: s.name.clone(),
-                    addr: s.listen,
-                    source,
-                })
-            })
-            .collect()
+        bind_all(config)
     }
 
     /// Starts checkers and accept loops on already bound `listeners` (one per service,
     /// in order); returns once the first health round is done.
-    pub async fn start(config: Config, listeners: Vec<TcpListener>) -> Balancer {
+    pub async fn start(config: Config, listeners: Vec<TcpListener>) -> Arc<Balancer> {
         raise_fd_limit();
-        let fd_budget = Arc::new(Semaphore::new(connection_capacity(&config)));
         let (events, _) = broadcast::channel(1024);
-        let stop_accepting = CancellationToken::new();
-        let stop_checks = CancellationToken::new();
-        let background = TaskTracker::new();
-        let mut services = Vec::new();
-        let mut first_rounds = Vec::new();
-        for s in config.services {
-            let set = Arc::new(BackendSet::new(&s, events.clone()));
-            first_rounds.push(crate::health::spawn_checkers(
-                &set,
-                &s.health,
-                &background,
-                &stop_checks,
-            ));
-            services.push(Arc::new(Service::new(s, set, fd_budget.clone())));
-        }
-        for f in first_rounds {
-            f.await;
-        }
-        let mut local_addrs = Vec::new();
-        for (service, listener) in services.iter().zip(listeners) {
-            local_addrs.push(listener.local_addr().unwrap_or(service.config.listen));
-            background.spawn(proxy::accept_loop(
-                service.clone(),
-                listener,
-                stop_accepting.clone(),
-            ));
-        }
-        Balancer {
-            services,
-            local_addrs,
+        let balancer = Arc::new(Balancer {
+            fd_budget: Arc::new(Semaphore::new(connection_capacity(&config))),
+            state: Mutex::new(State {
+                config: config.clone(),
+                services: Vec::new(),
+                retired: Vec::new(),
+            }),
             events,
-            stop_accepting,
-            stop_checks,
-            background,
+            checks: CancellationToken::new(),
+            background: TaskTracker::new(),
+            ready: AtomicBool::new(false),
+            reload: Mutex::new(ReloadStatus {
+                last_ok_at: Some(SystemTime::now()),
+                ..Default::default()
+            }),
+        });
+        let mut first_round = Vec::new();
+        let mut entries = Vec::new();
+        for (cfg, listener) in config.services.into_iter().zip(listeners) {
+            let (entry, rounds, listener) = balancer.new_service(cfg, listener, BackendState::Up);
+            first_round.extend(rounds);
+            entries.push((entry, listener));
         }
+        for rx in first_round {
+            let _ = rx.await;
+        }
+        let mut state = balancer.lock();
+        for (entry, listener) in entries {
+            balancer.start_accepting(&entry, listener);
+            state.services.push(entry);
+        }
+        drop(state);
+        balancer.ready.store(true, Ordering::Release);
+        balancer
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Builds a service with its backends (in health `initial`) and checkers; returns
+    /// the first-round receivers. Does not accept yet.
+    fn new_service(
+        &self,
+        cfg: ServiceConfig,
+        listener: TcpListener,
+        initial: BackendState,
+    ) -> (
+        ServiceEntry,
+        Vec<tokio::sync::oneshot::Receiver<()>>,
+        TcpListener,
+    ) {
+        let name: Arc<str> = cfg.name.as_str().into();
+        let members: Vec<Arc<Backend>> = cfg
+            .backends
+            .iter()
+            .map(|b| Arc::new(Backend::new(name.clone(), b, initial)))
+            .collect();
+        let set = Arc::new(BackendSet::new(
+            name,
+            cfg.balance,
+            members.clone(),
+            self.events.clone(),
+        ));
+        let mut checkers = HashMap::new();
+        let mut rounds = Vec::new();
+        for b in &members {
+            let stop = self.checks.child_token();
+            rounds.push(spawn_checker(
+                set.clone(),
+                b.clone(),
+                cfg.health.clone(),
+                Start::Decisive,
+                &self.background,
+                stop.clone(),
+            ));
+            checkers.insert(b.name.clone(), stop);
+        }
+        let local_addr = listener.local_addr().unwrap_or(cfg.listen);
+        let service = Arc::new(Service::new(cfg, set, self.fd_budget.clone()));
+        let entry = ServiceEntry {
+            service,
+            local_addr,
+            stop_accepting: CancellationToken::new(),
+            checkers,
+        };
+        (entry, rounds, listener)
+    }
+
+    fn start_accepting(&self, entry: &ServiceEntry, listener: TcpListener) {
+        tracing::info!(service = %entry.service.name, listen = %entry.local_addr, backends = entry.service.backends.members().len(), "listening");
+        self.background.spawn(proxy::accept_loop(
+            entry.service.clone(),
+            listener,
+            entry.stop_accepting.clone(),
+        ));
     }
 
     /// Health transitions from now on.
@@ -101,60 +199,327 @@ impl Balancer {
         self.events.subscribe()
     }
 
-    /// Healthy and total backends over all services.
+    /// The services now, in configuration order.
+    pub fn services(&self) -> Vec<Arc<Service>> {
+        self.lock()
+            .services
+            .iter()
+            .map(|e| e.service.clone())
+            .collect()
+    }
+
+    /// Bound listen addresses, in service order (useful when a config says port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.lock().services.iter().map(|e| e.local_addr).collect()
+    }
+
+    /// The configuration now running.
+    pub fn config(&self) -> Config {
+        self.lock().config.clone()
+    }
+
+    /// True once the listeners are bound and the first health round is done.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.reload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records a reload that failed before reaching [`Balancer::apply`] (bad file).
+    pub fn record_reload_failure(&self, error: String) {
+        let mut r = self.reload.lock().unwrap_or_else(|p| p.into_inner());
+        r.failed += 1;
+        r.last_error = Some(error);
+        r.last_attempt_at = Some(SystemTime::now());
+    }
+
+    /// Eligible and configured backends over all services.
     pub fn healthy_count(&self) -> (usize, usize) {
-        self.services.iter().fold((0, 0), |(h, t), s| {
+        self.services().iter().fold((0, 0), |(h, t), s| {
             (
-                h + s.backends.healthy().backends.len(),
-                t + s.backends.all.len(),
+                h + s.backends.eligible().len(),
+                t + s.backends.members().len(),
             )
         })
     }
 
-    /// Stops accepting (listeners close, new connects are refused), lets open connections
-    /// finish for up to each service's `drain_timeout`, then closes what is left.
-    pub async fn shutdown(self) {
-        self.stop_accepting.cancel();
-        let drains = self.services.iter().map(|s| {
-            let s = s.clone();
-            async move {
-                s.connections.close();
-                let open = s.connections.len();
-                if open > 0 {
-                    tracing::info!(service = %s.config.name, open, "draining for up to {:?}", s.config.drain_timeout);
+    /// Applies `new` as a diff against the running configuration. Listeners of new
+    /// services are bound first: if one cannot be, nothing changes. Unchanged services
+    /// keep their listener, backends, health state, counters and connections.
+    pub fn apply(&self, new: Config) -> Result<String, ServerError> {
+        let mut state = self.lock();
+        let result = self.apply_locked(&mut state, new);
+        let mut r = self.reload.lock().unwrap_or_else(|p| p.into_inner());
+        r.last_attempt_at = Some(SystemTime::now());
+        match &result {
+            Ok(_) => {
+                r.ok += 1;
+                r.last_ok_at = r.last_attempt_at;
+                r.last_error = None;
+            }
+            Err(e) => {
+                r.failed += 1;
+                r.last_error = Some(e.to_string());
+            }
+        }
+        result
+    }
+
+    fn apply_locked(&self, state: &mut State, new: Config) -> Result<String, ServerError> {
+        let mut changes: Vec<String> = Vec::new();
+        // 1. Bind what is new before changing anything.
+        let mut fresh_listeners = HashMap::new();
+        for s in &new.services {
+            let kept = state
+                .services
+                .iter()
+                .any(|e| *e.service.name == *s.name && e.service.config().listen == s.listen);
+            if !kept {
+                fresh_listeners.insert(s.name.clone(), bind_service(s)?);
+            }
+        }
+        // 2. Services gone (or moved to another address): stop accepting, drain.
+        let mut kept_entries = Vec::new();
+        for entry in std::mem::take(&mut state.services) {
+            let cfg = entry.service.config();
+            match new.services.iter().find(|s| s.name == cfg.name) {
+                Some(s) if s.listen == cfg.listen => kept_entries.push(entry),
+                _ => {
+                    changes.push(format!("service {} removed", cfg.name));
+                    let retired = self.retire_service(entry);
+                    state.retired.push(retired);
                 }
-                if tokio::time::timeout(s.config.drain_timeout, s.connections.wait())
+            }
+        }
+        // Retired services whose connections are all gone need no more tracking.
+        state.retired.retain(|s| !s.connections.is_empty());
+        // 3. Kept services: settings, backends, checkers.
+        let mut services = Vec::new();
+        for s in &new.services {
+            if let Some(pos) = kept_entries.iter().position(|e| *e.service.name == *s.name) {
+                let mut entry = kept_entries.swap_remove(pos);
+                self.update_service(&mut entry, s.clone(), &mut changes);
+                services.push(entry);
+            } else {
+                let listener = fresh_listeners.remove(&s.name).expect("bound in step 1");
+                // Backends of a new service are checked before it accepts anyone.
+                let (entry, rounds, listener) =
+                    self.new_service(s.clone(), listener, BackendState::Down);
+                changes.push(format!("service {} added on {}", s.name, entry.local_addr));
+                let service = entry.service.clone();
+                let stop = entry.stop_accepting.clone();
+                let local_addr = entry.local_addr;
+                self.background.spawn(async move {
+                    for rx in rounds {
+                        let _ = rx.await;
+                    }
+                    if !stop.is_cancelled() {
+                        tracing::info!(service = %service.name, listen = %local_addr, "listening");
+                        proxy::accept_loop(service, listener, stop).await;
+                    }
+                });
+                services.push(entry);
+            }
+        }
+        state.services = services;
+        state.config = new;
+        Ok(if changes.is_empty() {
+            "no change".to_string()
+        } else {
+            changes.join("; ")
+        })
+    }
+
+    fn update_service(
+        &self,
+        entry: &mut ServiceEntry,
+        new: ServiceConfig,
+        changes: &mut Vec<String>,
+    ) {
+        let old = entry.service.config();
+        let set = entry.service.backends.clone();
+        let health_changed = old.health != new.health;
+        let mut members = Vec::with_capacity(new.backends.len());
+        let current = set.members();
+        for b in &new.backends {
+            match current
+                .iter()
+                .find(|m| *m.name == *b.name && m.addr == b.addr)
+            {
+                Some(m) => {
+                    if m.weight() != b.weight {
+                        changes.push(format!(
+                            "{}/{} weight {} -> {}",
+                            new.name,
+                            b.name,
+                            m.weight(),
+                            b.weight
+                        ));
+                        m.set_weight(b.weight);
+                    }
+                    if health_changed {
+                        self.restart_checker(entry, &set, m, &new, Start::Continue);
+                    }
+                    members.push(m.clone());
+                }
+                None => {
+                    changes.push(format!("{}/{} added ({})", new.name, b.name, b.addr));
+                    // Checked before it takes traffic.
+                    let m = Arc::new(Backend::new(set.service.clone(), b, BackendState::Down));
+                    self.restart_checker(entry, &set, &m, &new, Start::Decisive);
+                    members.push(m);
+                }
+            }
+        }
+        for m in current.iter() {
+            if !members.iter().any(|n| Arc::ptr_eq(n, m)) {
+                changes.push(format!("{}/{} removed", new.name, m.name));
+                if let Some(stop) = entry.checkers.remove(&m.name) {
+                    stop.cancel();
+                }
+                m.mark_removed();
+                if new.on_removal == OnRemoval::Close && m.active.load(Ordering::Relaxed) > 0 {
+                    let m = m.clone();
+                    let after = new.drain_timeout;
+                    self.background.spawn(async move {
+                        tokio::time::sleep(after).await;
+                        m.kick();
+                    });
+                }
+            }
+        }
+        if *old != new {
+            if health_changed {
+                changes.push(format!(
+                    "{} health settings changed: checkers restarted",
+                    new.name
+                ));
+            }
+            set.replace(new.balance, members);
+            entry.service.set_config(new);
+        }
+    }
+
+    fn restart_checker(
+        &self,
+        entry: &mut ServiceEntry,
+        set: &Arc<BackendSet>,
+        b: &Arc<Backend>,
+        cfg: &ServiceConfig,
+        start: Start,
+    ) {
+        if let Some(old) = entry.checkers.remove(&b.name) {
+            old.cancel();
+        }
+        let stop = self.checks.child_token();
+        let _first = spawn_checker(
+            set.clone(),
+            b.clone(),
+            cfg.health.clone(),
+            start,
+            &self.background,
+            stop.clone(),
+        );
+        entry.checkers.insert(b.name.clone(), stop);
+    }
+
+    /// Stops accepting and checking for a removed service; its connections drain as its
+    /// `on_removal` says.
+    fn retire_service(&self, entry: ServiceEntry) -> Arc<Service> {
+        entry.stop_accepting.cancel();
+        for stop in entry.checkers.values() {
+            stop.cancel();
+        }
+        let service = entry.service;
+        let cfg = service.config();
+        for b in service.backends.members().iter() {
+            b.mark_removed();
+        }
+        service.backends.republish();
+        service.connections.close();
+        if cfg.on_removal == OnRemoval::Close {
+            let s = service.clone();
+            self.background.spawn(async move {
+                if tokio::time::timeout(cfg.drain_timeout, s.connections.wait())
                     .await
                     .is_err()
                 {
-                    tracing::info!(service = %s.config.name, open = s.connections.len(), "drain timeout: closing the rest");
                     s.hard_stop.cancel();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), s.connections.wait()).await;
                 }
+            });
+        }
+        service
+    }
+
+    /// Stops accepting (listeners close, new connects are refused), lets open connections
+    /// finish for up to each service's `drain_timeout`, then closes what is left.
+    pub async fn shutdown(&self) {
+        let services: Vec<Arc<Service>> = {
+            let state = self.lock();
+            for e in &state.services {
+                e.stop_accepting.cancel();
+            }
+            state
+                .services
+                .iter()
+                .map(|e| e.service.clone())
+                .chain(state.retired.iter().cloned())
+                .collect()
+        };
+        let drains = services.into_iter().map(|s| async move {
+            s.connections.close();
+            let cfg = s.config();
+            let open = s.connections.len();
+            if open > 0 {
+                tracing::info!(service = %s.name, open, "draining for up to {:?}", cfg.drain_timeout);
+            }
+            if tokio::time::timeout(cfg.drain_timeout, s.connections.wait())
+                .await
+                .is_err()
+            {
+                tracing::info!(service = %s.name, open = s.connections.len(), "drain timeout: closing the rest");
+                s.hard_stop.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(5), s.connections.wait()).await;
             }
         });
         futures_util::future::join_all(drains).await;
-        self.stop_checks.cancel();
+        self.checks.cancel();
         self.background.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.background.wait()).await;
     }
 }
 
-/// The whole of `lb run` after the config is loaded: bind, start, serve until
-/// `shutdown` resolves, drain, return.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-    let listeners = Balancer::bind(&config)?;
+/// The whole of `lb run` after the config is loaded: bind, start, serve (reloading on
+/// SIGHUP and file changes) until `shutdown` resolves, drain, return.
+pub async fn run(
+    config: Config,
+    watch: bool,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let path = config.path.clone();
+    let listeners = bind_all(&config)?;
     let balancer = Balancer::start(config, listeners).await;
     let (healthy, total) = balancer.healthy_count();
-    for (s, addr) in balancer.services.iter().zip(&balancer.local_addrs) {
-        tracing::info!(service = %s.config.name, listen = %addr, backends = s.backends.all.len(), "listening");
-    }
     tracing::info!(
         healthy,
         total,
         "ready: first health round done, {healthy}/{total} backends up"
     );
+    let stop_reloader = CancellationToken::new();
+    let reloader = tokio::spawn(crate::reload::run(
+        balancer.clone(),
+        path,
+        watch,
+        stop_reloader.clone(),
+    ));
     shutdown.await;
+    stop_reloader.cancel();
+    let _ = reloader.await;
     tracing::info!("shutting down: no longer accepting");
     balancer.shutdown().await;
     tracing::info!("stopped");
@@ -176,7 +541,8 @@ fn connection_capacity(config: &Config) -> usize {
         .map(|(soft, _)| soft)
         .unwrap_or(1024);
     let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
-    let reserve = 32 + config.services.len() + backends;
+    // Reloads may add services and backends: leave them room too.
+    let reserve = 64 + 2 * (config.services.len() + backends);
     let capacity = (nofile as usize).saturating_sub(reserve) / 2;
     tracing::info!(
         nofile,

@@ -77,14 +77,19 @@ fn check_rejects_each_bad_config_naming_file_line_and_key() {
 
 #[test]
 fn run_refuses_to_start_on_a_bad_config() {
+    let listen = support::free_addr();
+    let text = std::fs::read_to_string(data("zero_rise.toml"))
+        .unwrap()
+        .replace("127.0.0.1:18080", &listen.to_string());
+    let (_dir, path) = support::write_config(&text);
     let out = Command::new(lb_bin())
-        .args(["run", "-c", &data("zero_rise.toml")])
+        .args(["run", "-c", path.to_str().unwrap()])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("health.rise"));
     // It never bound its listener.
-    assert!(std::net::TcpStream::connect("127.0.0.1:18080").is_err());
+    assert!(std::net::TcpStream::connect(listen).is_err());
 }
 
 #[test]

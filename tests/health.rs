@@ -9,36 +9,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// Opens a WebSocket through `lb` with a valid token and returns the server id from
-/// the welcome message, or None if the connection failed.
-fn which_server(lb: SocketAddr) -> Option<String> {
-    let token = lb::ws::token::issue(
-        lb::ws::token::DEFAULT_SECRET,
-        "probe",
-        Duration::from_secs(60),
-    );
-    let mut s = TcpStream::connect(lb).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    let req = format!(
-        "GET /ws HTTP/1.1\r\nHost: lb\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).ok()?;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    // Read until the welcome frame's JSON is complete.
-    while !String::from_utf8_lossy(&got).contains("\"user\"") {
-        let n = s.read(&mut buf).ok()?;
-        if n == 0 {
-            return None;
-        }
-        got.extend_from_slice(&buf[..n]);
-    }
-    let text = String::from_utf8_lossy(&got);
-    assert!(text.starts_with("HTTP/1.1 101"), "handshake: {text}");
-    let at = text.find("\"server\":\"")? + "\"server\":\"".len();
-    Some(text[at..].split('"').next()?.to_string())
-}
-
 fn lb_config(listen: SocketAddr, backends: &[(&str, SocketAddr)], extra: &str) -> String {
     one_service(
         listen,

@@ -26,7 +26,11 @@ pub enum CheckError {
 #[derive(Debug, Clone)]
 pub enum Checker {
     Tcp,
-    Http { path: String },
+    Http {
+        path: String,
+    },
+    /// `check = "none"`: always passes.
+    None,
 }
 
 impl Checker {
@@ -36,6 +40,7 @@ impl Checker {
             CheckKind::Http => Checker::Http {
                 path: cfg.path.clone(),
             },
+            CheckKind::None => Checker::None,
         }
     }
 
@@ -58,6 +63,7 @@ impl Checker {
                 return Ok(());
             }
             Checker::Http { path } => path,
+            Checker::None => return Ok(()),
         };
         let (status, _) = crate::httpc::get(addr, path, 64 * 1024).await?;
         if (200..300).contains(&status) {

@@ -2,42 +2,48 @@
 //! to passive failures from the data plane, and sleeps until the next jittered deadline.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rand::RngExt;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Checker;
 use crate::balancer::{Backend, BackendSet, BackendState};
-use crate::config::HealthConfig;
+use crate::config::{CheckKind, HealthConfig};
 
-/// Starts one checker task per backend of `set`. The returned future resolves once every
-/// backend has had its first check (the "first health round").
-pub fn spawn_checkers(
-    set: &Arc<BackendSet>,
-    cfg: &HealthConfig,
+/// How a checker starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The first result is decisive either way (start-up: a backend counts as up until
+    /// it answers; a backend added by a reload counts as down until it answers).
+    Decisive,
+    /// Carry on from the backend's current state (a restart after a health-setting change).
+    Continue,
+}
+
+/// Starts the checker of one backend; it runs until `stop` is cancelled. The returned
+/// receiver fires once its first check is done (the "first health round").
+pub fn spawn_checker(
+    set: Arc<BackendSet>,
+    backend: Arc<Backend>,
+    cfg: HealthConfig,
+    start: Start,
     tracker: &TaskTracker,
-    shutdown: &CancellationToken,
-) -> impl Future<Output = ()> + Send + 'static {
-    let mut first_round = Vec::with_capacity(set.all.len());
-    for backend in &set.all {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        first_round.push(rx);
-        let task = CheckLoop {
-            set: set.clone(),
-            backend: backend.clone(),
-            checker: Checker::from_config(cfg),
-            cfg: cfg.clone(),
-        };
-        tracker.spawn(task.run(tx, shutdown.clone()));
-    }
-    async move {
-        for rx in first_round {
-            let _ = rx.await;
-        }
-    }
+    stop: CancellationToken,
+) -> oneshot::Receiver<()> {
+    let (tx, rx) = oneshot::channel();
+    let task = CheckLoop {
+        checker: Checker::from_config(&cfg),
+        set,
+        backend,
+        cfg,
+    };
+    tracker.spawn(task.run(start, tx, stop));
+    rx
 }
 
 struct CheckLoop {
@@ -48,12 +54,54 @@ struct CheckLoop {
 }
 
 impl CheckLoop {
-    async fn run(self, first: tokio::sync::oneshot::Sender<()>, shutdown: CancellationToken) {
-        // First round: the result is decisive (a backend counts as up until it answers).
-        let result = self.checker.run(self.backend.addr, self.cfg.timeout).await;
-        if let Err(e) = &result {
-            self.set
-                .set_up(&self.backend, false, &format!("first check failed: {e}"));
+    async fn check(&self) -> Result<Duration, super::CheckError> {
+        let r = self.checker.run(self.backend.addr, self.cfg.timeout).await;
+        let b = &self.backend;
+        match &r {
+            Ok(took) => {
+                b.last_check_us
+                    .store(took.as_micros().max(1) as u64, Ordering::Relaxed);
+                let s = b.check_streak.load(Ordering::Relaxed);
+                b.check_streak.store(
+                    if s > 0 { s.saturating_add(1) } else { 1 },
+                    Ordering::Relaxed,
+                );
+            }
+            Err(_) => {
+                let s = b.check_streak.load(Ordering::Relaxed);
+                b.check_streak.store(
+                    if s < 0 { s.saturating_sub(1) } else { -1 },
+                    Ordering::Relaxed,
+                );
+            }
+        }
+        r
+    }
+
+    async fn run(self, start: Start, first: oneshot::Sender<()>, stop: CancellationToken) {
+        if self.cfg.check == CheckKind::None {
+            // Nothing to check: up at once, and only the passive check can take it down.
+            self.set.set_health(&self.backend, true, "no active check");
+            let _ = first.send(());
+            self.passive_only(stop).await;
+            return;
+        }
+        if start == Start::Decisive {
+            let result = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.check() => r,
+            };
+            match result {
+                Err(e) => {
+                    self.set
+                        .set_health(&self.backend, false, &format!("first check failed: {e}"))
+                }
+                Ok(took) => self.set.set_health(
+                    &self.backend,
+                    true,
+                    &format!("first check passed in {} ms", took.as_millis()),
+                ),
+            };
         }
         let _ = first.send(());
 
@@ -67,29 +115,26 @@ impl CheckLoop {
             };
             let deadline = Instant::now() + jitter(interval);
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = stop.cancelled() => return,
                 _ = self.backend.passive_down.notified() => {
-                    if self.backend.state() == BackendState::Up {
-                        let n = self.backend.connect_failures.load(std::sync::atomic::Ordering::Relaxed);
-                        self.set.set_up(&self.backend, false, &format!("{n} consecutive connect failures (passive)"));
-                        streak = 0;
-                    }
+                    self.passive_mark_down();
+                    streak = 0;
                     continue;
                 }
                 _ = tokio::time::sleep_until(deadline) => {}
             }
             let result = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = self.checker.run(self.backend.addr, self.cfg.timeout) => r,
+                _ = stop.cancelled() => return,
+                r = self.check() => r,
             };
-            match (self.backend.state(), result) {
+            match (self.backend.health(), result) {
                 (BackendState::Up, Ok(_)) | (BackendState::Down, Err(_)) => streak = 0,
                 (BackendState::Up, Err(e)) => {
                     streak += 1;
                     tracing::debug!(backend = %self.backend.name, streak, "check failed: {e}");
                     if streak >= self.cfg.fall {
                         let reason = format!("{streak} consecutive checks failed, last: {e}");
-                        self.set.set_up(&self.backend, false, &reason);
+                        self.set.set_health(&self.backend, false, &reason);
                         streak = 0;
                     }
                 }
@@ -97,18 +142,45 @@ impl CheckLoop {
                     streak += 1;
                     if streak >= self.cfg.rise {
                         // A recovered backend starts with a clean passive record.
-                        self.backend
-                            .connect_failures
-                            .store(0, std::sync::atomic::Ordering::Relaxed);
+                        self.backend.connect_failures.store(0, Ordering::Relaxed);
                         let reason = format!(
                             "{streak} consecutive checks passed, last in {} ms",
                             took.as_millis()
                         );
-                        self.set.set_up(&self.backend, true, &reason);
+                        self.set.set_health(&self.backend, true, &reason);
                         streak = 0;
                     }
                 }
             }
+        }
+    }
+
+    fn passive_mark_down(&self) {
+        if self.backend.health() == BackendState::Up {
+            let n = self.backend.connect_failures.load(Ordering::Relaxed);
+            let reason = format!("{n} consecutive connect failures (passive)");
+            self.set.set_health(&self.backend, false, &reason);
+        }
+    }
+
+    /// With `check = "none"`: down on passive failures, back up after `interval`
+    /// (there is nothing else to tell us it recovered).
+    async fn passive_only(&self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.backend.passive_down.notified() => self.passive_mark_down(),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(self.cfg.interval) => {}
+            }
+            self.backend.connect_failures.store(0, Ordering::Relaxed);
+            self.set.set_health(
+                &self.backend,
+                true,
+                "no active check: retrying after interval",
+            );
         }
     }
 }

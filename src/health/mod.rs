@@ -5,4 +5,4 @@ mod check;
 mod checker;
 
 pub use check::{CheckError, Checker};
-pub use checker::spawn_checkers;
+pub use checker::{Start, spawn_checker};

@@ -81,6 +81,12 @@ fn note_failure(backend: &Backend, cfg: &ServiceConfig, e: &std::io::Error) {
     if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
         return;
     }
+    let by_kind = match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => &backend.connect_errors.refused,
+        std::io::ErrorKind::TimedOut => &backend.connect_errors.timeout,
+        _ => &backend.connect_errors.other,
+    };
+    by_kind.fetch_add(1, Ordering::Relaxed);
     let n = backend.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
     tracing::debug!(backend = %backend.name, consecutive = n, "connect failed: {e}");
     if n >= cfg.health.fall {

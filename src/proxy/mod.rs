@@ -11,8 +11,10 @@ pub use splice::{CloseReason, Totals, splice};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -22,16 +24,30 @@ use tracing::Instrument;
 use crate::balancer::BackendSet;
 use crate::config::{OnBackendDown, ServiceConfig};
 
+/// Per-service counters (read by the admin API and metrics).
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    /// Client connections accepted.
+    pub accepted: AtomicU64,
+    /// Client connections closed because no backend could be reached.
+    pub rejected: AtomicU64,
+    /// Client connections open now.
+    pub active: AtomicUsize,
+}
+
 /// What the accept loop and its connection tasks of one service share.
 pub struct Service {
-    pub config: ServiceConfig,
+    pub name: Arc<str>,
+    /// The service's settings; a reload swaps in new ones, connections read them once.
+    config: ArcSwap<ServiceConfig>,
     pub backends: Arc<BackendSet>,
+    pub stats: ServiceStats,
     /// Client connections in flight (each task holds a permit); at the limit accepting pauses.
-    pub limit: Arc<Semaphore>,
+    limit: Arc<Semaphore>,
     /// Process-wide descriptor budget shared by all services: one permit per proxied
     /// connection (two fds). Accepting pauses when it runs out, so lb never accepts a
     /// client it has no descriptor left to connect onwards for (HAProxy's auto maxconn).
-    pub fd_budget: Arc<Semaphore>,
+    fd_budget: Arc<Semaphore>,
     /// Connection tasks, so shutdown can wait for them to drain.
     pub connections: TaskTracker,
     /// Cancelled when the drain timeout runs out: remaining connections are closed.
@@ -45,13 +61,40 @@ impl Service {
         fd_budget: Arc<Semaphore>,
     ) -> Service {
         Service {
+            name: config.name.as_str().into(),
             limit: Arc::new(Semaphore::new(config.max_connections)),
+            config: ArcSwap::from_pointee(config),
             fd_budget,
-            config,
             backends,
+            stats: ServiceStats::default(),
             connections: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
         }
+    }
+
+    pub fn config(&self) -> Arc<ServiceConfig> {
+        self.config.load_full()
+    }
+
+    /// Reload: new settings for connections from now on; `max_connections` adjusts the
+    /// permits (a lower limit takes effect as open connections finish).
+    pub fn set_config(&self, new: ServiceConfig) {
+        let old = self.config.load();
+        if new.max_connections > old.max_connections {
+            self.limit
+                .add_permits(new.max_connections - old.max_connections);
+        } else if new.max_connections < old.max_connections {
+            let excess = old.max_connections - new.max_connections;
+            let limit = self.limit.clone();
+            // Take the permits back as they come free, without blocking the reload.
+            tokio::spawn(async move {
+                if let Ok(p) = limit.acquire_many(excess as u32).await {
+                    p.forget();
+                }
+            });
+        }
+        drop(old);
+        self.config.store(Arc::new(new));
     }
 }
 
@@ -82,19 +125,21 @@ pub async fn accept_loop(service: Arc<Service>, listener: TcpListener, stop: Can
         match accepted {
             Ok((client, peer)) => {
                 backoff = BACKOFF_MIN;
+                service.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 let service = service.clone();
-                let span =
-                    tracing::info_span!("conn", service = %service.config.name, client = %peer);
+                let span = tracing::info_span!("conn", service = %service.name, client = %peer);
                 service.connections.clone().spawn(
                     async move {
+                        service.stats.active.fetch_add(1, Ordering::Relaxed);
                         handle(&service, client, peer).await;
+                        service.stats.active.fetch_sub(1, Ordering::Relaxed);
                         drop(permits);
                     }
                     .instrument(span),
                 );
             }
             Err(e) if is_resource_exhaustion(&e) => {
-                tracing::warn!(service = %service.config.name, "accept: {e}; backing off {backoff:?}");
+                tracing::warn!(service = %service.name, "accept: {e}; backing off {backoff:?}");
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
@@ -102,9 +147,10 @@ pub async fn accept_loop(service: Arc<Service>, listener: TcpListener, stop: Can
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
             // ECONNABORTED and friends concern one connection only: go on.
-            Err(e) => tracing::debug!(service = %service.config.name, "accept: {e}"),
+            Err(e) => tracing::debug!(service = %service.name, "accept: {e}"),
         }
     }
+    tracing::info!(service = %service.name, "stopped accepting");
 }
 
 fn is_resource_exhaustion(e: &std::io::Error) -> bool {
@@ -118,10 +164,11 @@ fn is_resource_exhaustion(e: &std::io::Error) -> bool {
 async fn handle(service: &Service, client: TcpStream, peer: SocketAddr) {
     let start = Instant::now();
     tune_stream(&client);
-    let cfg = &service.config;
-    let (backend, upstream) = match connect_backend(&service.backends, cfg).await {
+    let cfg = service.config();
+    let (backend, upstream) = match connect_backend(&service.backends, &cfg).await {
         Ok(pair) => pair,
         Err(e) => {
+            service.stats.rejected.fetch_add(1, Ordering::Relaxed);
             // Close at once so the client retries instead of hanging.
             tracing::warn!(
                 client = %peer,
@@ -132,34 +179,22 @@ async fn handle(service: &Service, client: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    backend
-        .active
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    backend
-        .total
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let sever = match cfg.on_backend_down {
-        OnBackendDown::Close => backend.sever_token(),
-        // A token nobody cancels: the connection ignores its backend's health.
-        OnBackendDown::Keep => CancellationToken::new(),
+    backend.active.fetch_add(1, Ordering::Relaxed);
+    backend.total.fetch_add(1, Ordering::Relaxed);
+    let on_down = backend.down_token();
+    let kick = backend.kick_token();
+    let close_on_down = cfg.on_backend_down == OnBackendDown::Close;
+    // Whatever ends a connection from outside, with the reason it will be logged under.
+    let stop = async {
+        tokio::select! {
+            _ = on_down.cancelled(), if close_on_down => CloseReason::BackendDown,
+            _ = kick.cancelled() => if backend.is_removed() { CloseReason::BackendRemoved } else { CloseReason::BackendDisabled },
+            _ = service.hard_stop.cancelled() => CloseReason::Shutdown,
+        }
     };
-    let totals = splice(
-        client,
-        upstream,
-        cfg.idle_timeout,
-        &sever,
-        &service.hard_stop,
-    )
-    .await;
-    backend
-        .active
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    backend
-        .bytes_to
-        .fetch_add(totals.to_backend, std::sync::atomic::Ordering::Relaxed);
-    backend
-        .bytes_from
-        .fetch_add(totals.to_client, std::sync::atomic::Ordering::Relaxed);
+    let totals = splice(client, upstream, cfg.idle_timeout, &backend, stop).await;
+    backend.active.fetch_sub(1, Ordering::Relaxed);
+    crate::metrics::connection_closed(service, &backend, start.elapsed());
     tracing::info!(
         client = %peer,
         backend = %backend.name,

@@ -16,7 +16,8 @@ use std::time::Duration;
 use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+
+use crate::balancer::Backend;
 
 /// Why a proxied connection ended (the `reason` of the close log line).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +34,10 @@ pub enum CloseReason {
     IdleTimeout,
     /// The backend was marked down and the service closes its connections.
     BackendDown,
+    /// An operator disabled the backend (admin API).
+    BackendDisabled,
+    /// A reload removed the backend and its drain time ran out.
+    BackendRemoved,
     /// The drain timeout ran out during shutdown.
     Shutdown,
 }
@@ -46,6 +51,8 @@ impl CloseReason {
             CloseReason::BackendReset => "backend_reset",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::BackendDown => "backend_down",
+            CloseReason::BackendDisabled => "backend_disabled",
+            CloseReason::BackendRemoved => "backend_removed",
             CloseReason::Shutdown => "shutdown",
         }
     }
@@ -70,21 +77,34 @@ enum End {
 }
 
 /// Splices `client` and `backend` until both directions end, one side resets, the idle
-/// timeout passes, `sever` (backend marked down) or `hard_stop` (drain over) fires.
+/// timeout passes, or `stop` resolves (backend down or disabled, drain over) with the
+/// reason. Bytes are also added to `counters`' live totals as they move.
 pub async fn splice(
     client: TcpStream,
     backend: TcpStream,
     idle_timeout: Duration,
-    sever: &CancellationToken,
-    hard_stop: &CancellationToken,
+    counters: &Backend,
+    stop: impl Future<Output = CloseReason>,
 ) -> Totals {
     let base = Instant::now();
     let activity = AtomicU64::new(0);
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let reason = {
-        let c2b = pump(&client, &backend, &up, &activity, base);
-        let b2c = pump(&backend, &client, &down, &activity, base);
-        tokio::pin!(c2b, b2c);
+        let c2b = pump(
+            &client,
+            &backend,
+            [&up, &counters.bytes_to],
+            &activity,
+            base,
+        );
+        let b2c = pump(
+            &backend,
+            &client,
+            [&down, &counters.bytes_from],
+            &activity,
+            base,
+        );
+        tokio::pin!(c2b, b2c, stop);
         let (mut c2b_end, mut b2c_end) = (None, None);
         loop {
             tokio::select! {
@@ -97,8 +117,7 @@ pub async fn splice(
                     b2c_end = Some((end, c2b_end.is_none()));
                 }
                 _ = idle(&activity, base, idle_timeout) => break CloseReason::IdleTimeout,
-                _ = sever.cancelled() => break CloseReason::BackendDown,
-                _ = hard_stop.cancelled() => break CloseReason::Shutdown,
+                reason = &mut stop => break reason,
             }
             if let (Some((c, c_first)), Some((b, _))) = (&c2b_end, &b2c_end) {
                 break match (c, b) {
@@ -116,7 +135,9 @@ pub async fn splice(
     match reason {
         CloseReason::ClientReset => abort(&backend),
         CloseReason::BackendReset => abort(&client),
-        CloseReason::BackendDown => abort(&backend),
+        CloseReason::BackendDown | CloseReason::BackendDisabled | CloseReason::BackendRemoved => {
+            abort(&backend)
+        }
         _ => {}
     }
     Totals {
@@ -135,7 +156,7 @@ fn abort(s: &TcpStream) {
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
-    moved: &AtomicU64,
+    moved: [&AtomicU64; 2],
     activity: &AtomicU64,
     base: Instant,
 ) -> End {
@@ -158,7 +179,9 @@ async fn pump(
                     if write_all(to, &buf[..n]).await.is_err() {
                         break Some(End::WriteFailed);
                     }
-                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                    for m in moved {
+                        m.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break None,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
