@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
+/// When a new connection started, and the backend it landed on (None: it failed).
+type Landing = (Instant, Option<String>);
+
 fn config(listen: SocketAddr, backends: &[(&str, SocketAddr, u32)]) -> String {
     let mut s = format!(
         "[[service]]\nname = \"chat\"\nlisten = \"{listen}\"\nbalance = \"round-robin\"\n\n[service.health]\ncheck = \"http\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\n"
@@ -69,7 +72,7 @@ fn rewrites_under_traffic_drop_nothing_and_route_as_configured() {
 
     // A steady stream of new connections, each recording where it landed.
     let stop = Arc::new(AtomicBool::new(false));
-    let landed: Arc<Mutex<Vec<(Instant, Option<String>)>>> = Arc::default();
+    let landed: Arc<Mutex<Vec<Landing>>> = Arc::default();
     let stream = {
         let (stop, landed) = (stop.clone(), landed.clone());
         std::thread::spawn(move || {
