@@ -198,3 +198,95 @@ fn rewrites_under_traffic_drop_nothing_and_route_as_configured() {
     assert_eq!(v["online"], 40, "{json}");
     assert!(lb.count_lines(&["reason=\"backend_removed\""]) == 0);
 }
+
+fn echo_ok(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut got = [0u8; 4];
+    c.write_all(b"ping").is_ok() && c.read_exact(&mut got).is_ok() && &got == b"ping"
+}
+
+#[test]
+fn services_come_and_go_and_removed_backends_close_after_drain_timeout() {
+    use std::io::{Read, Write};
+    let a = TcpServer::echo();
+    let b = TcpServer::echo();
+    let (l1, l2) = (free_addr(), free_addr());
+    let svc = |name: &str, listen: SocketAddr, extra: &str, backends: &[(&str, SocketAddr)]| {
+        let mut s = format!(
+            "[[service]]\nname = \"{name}\"\nlisten = \"{listen}\"\non_removal = \"close\"\ndrain_timeout = \"600ms\"\n{extra}\n[service.health]\ncheck = \"tcp\"\ninterval = \"200ms\"\n"
+        );
+        for (n, addr) in backends {
+            s.push_str(&format!(
+                "[[service.backend]]\nname = \"{n}\"\naddr = \"{addr}\"\n"
+            ));
+        }
+        s
+    };
+    let (_dir, path) = write_config(&svc("one", l1, "", &[("a", a.addr), ("b", b.addr)]));
+    let lb = start_lb(&path);
+    assert!(echo_ok(l1));
+    assert!(std::net::TcpStream::connect(l2).is_err());
+
+    // Hold a connection through service one (on a or b).
+    let mut held = std::net::TcpStream::connect(l1).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    held.write_all(b"x").unwrap();
+    held.read_exact(&mut [0u8; 1]).unwrap();
+
+    // Add service two; it opens its listener once its backend passed a check.
+    write_atomically(
+        &path,
+        &format!(
+            "{}{}",
+            svc("one", l1, "", &[("a", a.addr), ("b", b.addr)]),
+            svc("two", l2, "", &[("a", a.addr)])
+        ),
+    );
+    assert_eventually!(Duration::from_secs(5), echo_ok(l2), "service two answers");
+    // The held connection did not notice.
+    held.write_all(b"y").unwrap();
+    held.read_exact(&mut [0u8; 1]).unwrap();
+
+    // Remove both backends of service one but a new one: the held connection is on a
+    // removed backend and is closed once drain_timeout (600 ms) has passed.
+    let c = TcpServer::echo();
+    write_atomically(
+        &path,
+        &format!(
+            "{}{}",
+            svc("one", l1, "", &[("c", c.addr)]),
+            svc("two", l2, "", &[("a", a.addr)])
+        ),
+    );
+    let t = Instant::now();
+    let r = held.read(&mut [0u8; 1]);
+    assert!(
+        matches!(r, Ok(0)),
+        "held connection should be closed, got {r:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        t.elapsed()
+    );
+    lb.wait_for_line(&["reason=\"backend_removed\""], Duration::from_secs(1));
+    assert_eventually!(
+        Duration::from_secs(3),
+        echo_ok(l1),
+        "service one answers through c"
+    );
+
+    // Remove service one: its listener closes; service two is untouched.
+    write_atomically(&path, &svc("two", l2, "", &[("a", a.addr)]));
+    assert_eventually!(
+        Duration::from_secs(3),
+        std::net::TcpStream::connect(l1).is_err(),
+        "service one's listener closed"
+    );
+    assert!(echo_ok(l2));
+    lb.wait_for_line(&["service one removed"], Duration::from_secs(1));
+}
