@@ -72,9 +72,21 @@ pub struct Balancer {
     reload: Mutex<ReloadStatus>,
 }
 
-/// Binds one listener per service, in order; fails before anything starts.
+/// Binds one listener per service, in order; fails before anything starts. Sockets
+/// passed by systemd (socket activation) are adopted instead, once, at start.
 pub fn bind_all(config: &Config) -> Result<Vec<TcpListener>, ServerError> {
-    config.services.iter().map(bind_service).collect()
+    let adopted = crate::systemd::adopt_listeners(
+        config.services.iter().map(|s| (s.name.as_str(), s.listen)),
+    );
+    config
+        .services
+        .iter()
+        .zip(adopted)
+        .map(|(s, adopted)| match adopted {
+            Some(listener) => Ok(listener),
+            None => bind_service(s),
+        })
+        .collect()
 }
 
 fn bind_service(s: &ServiceConfig) -> Result<TcpListener, ServerError> {
@@ -86,11 +98,6 @@ fn bind_service(s: &ServiceConfig) -> Result<TcpListener, ServerError> {
 }
 
 impl Balancer {
-    /// Kept for callers that bind first: same as [`bind_all`].
-    pub fn bind(config: &Config) -> Result<Vec<TcpListener>, ServerError> {
-        bind_all(config)
-    }
-
     /// Starts checkers and accept loops on already bound `listeners` (one per service,
     /// in order); returns once the first health round is done.
     pub async fn start(config: Config, listeners: Vec<TcpListener>) -> Arc<Balancer> {
@@ -502,6 +509,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let path = config.path.clone();
+    // systemd: from the start, so a slow first health round still feeds the watchdog.
+    let _watchdog = crate::systemd::spawn_watchdog();
+    // SIGHUP's default action kills: catch it from here on, so a `systemctl reload` sent
+    // right after READY=1, before the reloader below listens, cannot stop lb.
+    let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let listeners = bind_all(&config)?;
     let balancer = Balancer::start(config, listeners).await;
     let (healthy, total) = balancer.healthy_count();
@@ -517,7 +529,13 @@ pub async fn run(
         watch,
         stop_reloader.clone(),
     ));
-    shutdown.await;
+    crate::systemd::ready(&crate::systemd::backends_status(healthy, total));
+    tokio::select! {
+        () = shutdown => {}
+        // Never resolves: keeps systemd's STATUS= current on every health transition.
+        () = crate::systemd::follow_backends(balancer.subscribe(), || balancer.healthy_count()) => {}
+    }
+    crate::systemd::stopping();
     stop_reloader.cancel();
     let _ = reloader.await;
     tracing::info!("shutting down: no longer accepting");
@@ -543,10 +561,15 @@ fn connection_capacity(config: &Config) -> usize {
     let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
     // Reloads may add services and backends: leave them room too.
     let reserve = 64 + 2 * (config.services.len() + backends);
-    let capacity = (nofile as usize).saturating_sub(reserve) / 2;
+    // splice(2) pipes (two fds each) come out of the same budget: a 64th of it, at most 256.
+    let pipes = (nofile as usize / 64).min(256);
+    #[cfg(target_os = "linux")]
+    proxy::pipes::set_limit(pipes);
+    let capacity = (nofile as usize).saturating_sub(reserve + 2 * pipes) / 2;
     tracing::info!(
         nofile,
         capacity,
+        pipes,
         "open-file limit {nofile}: room for {capacity} proxied connections"
     );
     capacity.clamp(1, Semaphore::MAX_PERMITS)

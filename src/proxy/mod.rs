@@ -2,7 +2,10 @@
 //! a client and its backend.
 
 mod connect;
+mod copy;
 mod listener;
+#[cfg(target_os = "linux")]
+pub mod pipes;
 mod splice;
 
 pub use connect::{ConnectError, connect_backend};

@@ -4,12 +4,9 @@
 //! Hand-written rather than `tokio::io::copy_bidirectional` because the product needs
 //! what that does not give: the reason a connection ended (for the close log and the
 //! failover), an idle timeout over both directions, RST propagation, prompt teardown when
-//! the backend is marked down, and no buffer held by an idle connection (a buffer is
-//! borrowed from a per-thread pool only while bytes move: 10k idle WebSockets would
-//! otherwise pin 2 x 8 KiB each).
+//! the backend is marked down, zero-copy `splice(2)`, and no buffer or pipe held by an
+//! idle connection (see [`super::copy`]).
 
-use std::io::{self, ErrorKind};
-use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -17,6 +14,7 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::copy::pump;
 use crate::balancer::Backend;
 
 /// Why a proxied connection ended (the `reason` of the close log line).
@@ -67,7 +65,7 @@ pub struct Totals {
 }
 
 /// How one direction ended.
-enum End {
+pub(super) enum End {
     /// The source sent FIN; it was passed on as shutdown(write) to the sink.
     Eof,
     /// Reading the source failed: the source is gone (reset); end everything now.
@@ -151,62 +149,6 @@ fn abort(s: &TcpStream) {
     let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
 
-/// Copies `from` -> `to` until EOF (passed on as shutdown(write)) or an error.
-/// Waits for readiness before borrowing a buffer, so an idle direction holds none.
-async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    moved: [&AtomicU64; 2],
-    activity: &AtomicU64,
-    base: Instant,
-) -> End {
-    loop {
-        if from.readable().await.is_err() {
-            return End::ReadFailed;
-        }
-        let mut buf = pool::take();
-        let end = loop {
-            match from.try_read(&mut buf) {
-                Ok(0) => {
-                    break Some(match SockRef::from(to).shutdown(Shutdown::Write) {
-                        // ENOTCONN: the sink is already fully closed; nothing to tell it.
-                        Err(e) if e.kind() != ErrorKind::NotConnected => End::WriteFailed,
-                        _ => End::Eof,
-                    });
-                }
-                Ok(n) => {
-                    activity.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
-                    if write_all(to, &buf[..n]).await.is_err() {
-                        break Some(End::WriteFailed);
-                    }
-                    for m in moved {
-                        m.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break None,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => break Some(End::ReadFailed),
-            }
-        };
-        pool::give(buf);
-        if let Some(end) = end {
-            return end;
-        }
-    }
-}
-
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Resolves once nothing moved in either direction for `timeout`.
 async fn idle(activity: &AtomicU64, base: Instant, timeout: Duration) {
     loop {
@@ -216,32 +158,5 @@ async fn idle(activity: &AtomicU64, base: Instant, timeout: Duration) {
             return;
         }
         tokio::time::sleep_until(deadline).await;
-    }
-}
-
-/// A small per-thread pool of copy buffers. Tasks may migrate between threads; a
-/// buffer simply returns to whichever thread's pool finishes with it.
-mod pool {
-    use std::cell::RefCell;
-
-    pub const BUF_SIZE: usize = 16 * 1024;
-    const KEEP: usize = 64;
-
-    thread_local! {
-        static FREE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
-    }
-
-    pub fn take() -> Box<[u8]> {
-        FREE.with(|f| f.borrow_mut().pop())
-            .unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
-    }
-
-    pub fn give(buf: Box<[u8]>) {
-        FREE.with(|f| {
-            let mut f = f.borrow_mut();
-            if f.len() < KEEP {
-                f.push(buf);
-            }
-        });
     }
 }
