@@ -152,10 +152,10 @@ mod zero_copy {
     }
 
     async fn drain(pipe: &mut Pipe, to: &TcpStream, progress: &impl Fn(usize)) -> io::Result<()> {
-        while pipe.len() > 0 {
+        while pipe.queued() > 0 {
             to.writable().await?;
             let wrote = to.try_io(Interest::WRITABLE, || {
-                splice(pipe.read_end(), None, to.as_fd(), None, pipe.len(), flags())
+                splice(pipe.read_end(), None, to.as_fd(), None, pipe.queued(), flags())
                     .map_err(io::Error::from)
             });
             match wrote {

@@ -56,7 +56,7 @@ impl Pipe {
         self.write.as_fd()
     }
 
-    pub fn len(&self) -> usize {
+    pub fn queued(&self) -> usize {
         self.len
     }
 
