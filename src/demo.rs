@@ -192,7 +192,7 @@ pub async fn main(args: DemoArgs) -> anyhow::Result<()> {
     }
 
     let config = demo_config(&args, &backends);
-    let listeners = Balancer::bind(&config)?;
+    let listeners = crate::server::bind_all(&config)?;
     let balancer = Balancer::start(config, listeners).await;
     let lb_addr = balancer.local_addrs()[0];
     let mut transitions = balancer.subscribe();

@@ -10,14 +10,17 @@
 //! - [`balancer`]: per-service backend set: `ArcSwap` healthy snapshot, selection policies.
 //! - [`proxy`]: data plane: listeners (socket2), accept loop, connect + retry, splice.
 //! - [`health`]: control plane: tcp/http checks, rise/fall state, one loop per backend.
+//! - [`admin`]: the admin HTTP API (live/ready, backends JSON, drain/disable/enable, metrics).
 //! - [`httpc`]: one-shot HTTP GET (health checks, the demo).
 //! - [`metrics`]: Prometheus metrics (names, registry, hooks).
 //! - [`server`]: wires config, balancer, proxy and health together for `lb run`.
 //! - [`reload`]: SIGHUP and file watch -> parse, validate, apply as a diff.
 //! - [`shutdown`]: SIGINT/SIGTERM as one future.
+//! - [`systemd`]: sd_notify (ready, reloading, stopping, status, watchdog), socket activation.
 //! - [`ws`]: bundled WebSocket backend, client, tokens and presence registry.
 //! - [`demo`]: the orchestrated failover demo (`lb demo`).
 
+pub mod admin;
 pub mod balancer;
 pub mod config;
 pub mod demo;
@@ -28,4 +31,5 @@ pub mod proxy;
 pub mod reload;
 pub mod server;
 pub mod shutdown;
+pub mod systemd;
 pub mod ws;

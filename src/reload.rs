@@ -56,7 +56,11 @@ pub async fn run(balancer: Arc<Balancer>, path: PathBuf, watch: bool, stop: Canc
                 t
             }
         };
+        // systemd: RELOADING=1 before, READY=1 after, whatever the outcome.
+        crate::systemd::reloading();
         reload(&balancer, &path, trigger);
+        let (healthy, total) = balancer.healthy_count();
+        crate::systemd::ready(&crate::systemd::backends_status(healthy, total));
     }
 }
 

@@ -30,6 +30,9 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The admin API could not start (names its address).
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// Outcome of the reloads so far (admin API, metrics).
@@ -516,6 +519,10 @@ pub async fn run(
     let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let listeners = bind_all(&config)?;
     let balancer = Balancer::start(config, listeners).await;
+    // Dropped when run() returns, so /metrics and /live keep answering while lb drains.
+    let _admin = (balancer.config().admin)
+        .map(|admin| crate::admin::spawn(balancer.clone(), &admin))
+        .transpose()?;
     let (healthy, total) = balancer.healthy_count();
     tracing::info!(
         healthy,

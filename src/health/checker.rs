@@ -55,8 +55,10 @@ struct CheckLoop {
 
 impl CheckLoop {
     async fn check(&self) -> Result<Duration, super::CheckError> {
+        let started = Instant::now();
         let r = self.checker.run(self.backend.addr, self.cfg.timeout).await;
         let b = &self.backend;
+        crate::metrics::check_finished(b, started.elapsed());
         match &r {
             Ok(took) => {
                 b.last_check_us

@@ -1,54 +1,202 @@
-//! One direction of a proxied connection: bytes from `from` to `to` until EOF.
+//! One direction of a proxied connection as a small poll-driven state machine: bytes
+//! from `from` to `to` until EOF.
+//!
+//! Hand-written with `poll_read_ready`/`poll_write_ready` rather than async fns: an
+//! async copy loop per direction costs ~500 bytes of future state per direction per
+//! connection (readiness futures with waiter nodes, nested write futures), which idle
+//! WebSockets would hold forever. This keeps a direction at a few dozen bytes.
 //!
 //! On Linux the bytes go socket -> pipe -> socket with `splice(2)`, never entering user
 //! space. Otherwise, or when no pipe can be had, they go through a buffer. Either way the
 //! pipe or buffer is borrowed from a per-thread pool only while bytes move and returned
-//! when the source has nothing more to give, so an idle connection holds neither: 10k
-//! idle WebSockets would otherwise pin 2 x 8 KiB each (what `copy_bidirectional` keeps).
+//! as soon as the source has nothing more to give, so an idle connection holds neither.
 
 use std::io::{self, ErrorKind};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
-use super::splice::End;
+/// How one direction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum End {
+    /// The source sent FIN; it was passed on as shutdown(write) to the sink.
+    Eof,
+    /// Reading the source failed: the source is gone (reset); end everything now.
+    ReadFailed,
+    /// Writing the sink failed: the sink is gone; the other direction will see it too.
+    WriteFailed,
+}
 
-/// Copies `from` -> `to` until EOF (passed on as shutdown(write)) or an error. Waits for
-/// readiness before borrowing a pipe or buffer.
-pub(super) async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    moved: [&AtomicU64; 2],
-    activity: &AtomicU64,
-    base: Instant,
-) -> End {
-    let progress = |n: usize| {
-        activity.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
-        for m in moved {
-            m.fetch_add(n as u64, Ordering::Relaxed);
+/// What a direction holds while bytes move.
+enum Carrier {
+    /// Nothing: idle, or between bursts.
+    None,
+    #[cfg(target_os = "linux")]
+    Pipe(super::pipes::Pipe),
+    /// A pooled buffer and the unwritten range `start..end` in it.
+    Buf {
+        buf: Box<[u8]>,
+        start: usize,
+        end: usize,
+    },
+}
+
+/// One direction's state.
+pub(super) struct Direction {
+    carrier: Carrier,
+    end: Option<End>,
+    /// Bytes delivered to the sink.
+    pub moved: u64,
+}
+
+impl Direction {
+    pub fn new() -> Direction {
+        Direction {
+            carrier: Carrier::None,
+            end: None,
+            moved: 0,
         }
-    };
-    loop {
-        if from.readable().await.is_err() {
-            return End::ReadFailed;
+    }
+
+    /// Moves what can be moved now. Ready once the direction has ended; Pending when
+    /// waiting for the source (carrier returned to its pool) or the sink (carrier kept:
+    /// it holds bytes). Adds delivered bytes to `live` and sets `progressed`.
+    pub fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        live: &AtomicU64,
+        progressed: &mut bool,
+    ) -> Poll<End> {
+        if let Some(end) = self.end {
+            return Poll::Ready(end);
         }
-        #[cfg(target_os = "linux")]
-        let end = match super::pipes::take() {
-            Some(mut pipe) => {
-                let end = zero_copy::burst(from, to, &mut pipe, &progress).await;
-                super::pipes::give(pipe);
-                end
+        let end = loop {
+            if self.pending() > 0 {
+                match self.flush(cx, to, live) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(0)) => continue,
+                    Poll::Ready(Ok(_)) => {
+                        *progressed = true;
+                        continue;
+                    }
+                    Poll::Ready(Err(_)) => break End::WriteFailed,
+                }
             }
-            None => buffered_burst(from, to, &progress).await,
+            match from.poll_read_ready(cx) {
+                Poll::Pending => {
+                    self.release();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(_)) => break End::ReadFailed,
+                Poll::Ready(Ok(())) => {}
+            }
+            match self.fill(from) {
+                Ok(0) => break pass_eof(to),
+                Ok(_) => *progressed = true,
+                // try_io/try_read cleared the readiness: poll_read_ready registers us.
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                Err(_) => break End::ReadFailed,
+            }
         };
-        #[cfg(not(target_os = "linux"))]
-        let end = buffered_burst(from, to, &progress).await;
-        if let Some(end) = end {
-            return end;
+        self.release();
+        self.end = Some(end);
+        Poll::Ready(end)
+    }
+
+    /// Bytes read but not yet written.
+    fn pending(&self) -> usize {
+        match &self.carrier {
+            Carrier::None => 0,
+            #[cfg(target_os = "linux")]
+            Carrier::Pipe(p) => p.queued(),
+            Carrier::Buf { start, end, .. } => end - start,
         }
+    }
+
+    /// Reads what the source has into the carrier (borrowing one if needed).
+    fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+        if matches!(self.carrier, Carrier::None) {
+            self.carrier = borrow();
+        }
+        match &mut self.carrier {
+            #[cfg(target_os = "linux")]
+            Carrier::Pipe(p) => {
+                let n = from.try_io(Interest::READABLE, || zero_copy::socket_to_pipe(from, p))?;
+                p.filled(n);
+                Ok(n)
+            }
+            Carrier::Buf { buf, start, end } => {
+                let n = from.try_read(buf)?;
+                (*start, *end) = (0, n);
+                Ok(n)
+            }
+            Carrier::None => unreachable!("a carrier was just borrowed"),
+        }
+    }
+
+    /// Writes pending bytes; Ready(Ok(n)) with what was written (0: readiness was stale).
+    fn flush(
+        &mut self,
+        cx: &mut Context<'_>,
+        to: &TcpStream,
+        live: &AtomicU64,
+    ) -> Poll<io::Result<usize>> {
+        ready!(to.poll_write_ready(cx))?;
+        let wrote = match &mut self.carrier {
+            #[cfg(target_os = "linux")]
+            Carrier::Pipe(p) => to
+                .try_io(Interest::WRITABLE, || zero_copy::pipe_to_socket(p, to))
+                .inspect(|&n| p.drained(n)),
+            Carrier::Buf { buf, start, end } => {
+                to.try_write(&buf[*start..*end]).inspect(|&n| *start += n)
+            }
+            Carrier::None => Ok(0),
+        };
+        match wrote {
+            Ok(n) => {
+                self.moved += n as u64;
+                live.fetch_add(n as u64, Ordering::Relaxed);
+                Poll::Ready(Ok(n))
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                Poll::Ready(Ok(0))
+            }
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// Returns the carrier to its pool (a pipe still holding bytes is closed instead).
+    fn release(&mut self) {
+        match std::mem::replace(&mut self.carrier, Carrier::None) {
+            Carrier::None => {}
+            #[cfg(target_os = "linux")]
+            Carrier::Pipe(p) => super::pipes::give(p),
+            Carrier::Buf { buf, .. } => buffers::give(buf),
+        }
+    }
+}
+
+impl Drop for Direction {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+fn borrow() -> Carrier {
+    #[cfg(target_os = "linux")]
+    if let Some(p) = super::pipes::take() {
+        return Carrier::Pipe(p);
+    }
+    Carrier::Buf {
+        buf: buffers::take(),
+        start: 0,
+        end: 0,
     }
 }
 
@@ -61,113 +209,44 @@ fn pass_eof(to: &TcpStream) -> End {
     }
 }
 
-/// Moves what `from` has now through a pooled buffer. `None`: drained, wait again.
-async fn buffered_burst(
-    from: &TcpStream,
-    to: &TcpStream,
-    progress: &impl Fn(usize),
-) -> Option<End> {
-    let mut buf = buffers::take();
-    let end = loop {
-        match from.try_read(&mut buf) {
-            Ok(0) => break Some(pass_eof(to)),
-            Ok(n) => {
-                if write_all(to, &buf[..n]).await.is_err() {
-                    break Some(End::WriteFailed);
-                }
-                progress(n);
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break None,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => break Some(End::ReadFailed),
-        }
-    };
-    buffers::give(buf);
-    end
-}
-
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 #[cfg(target_os = "linux")]
 mod zero_copy {
-    use std::io::{self, ErrorKind};
+    use std::io;
     use std::os::fd::AsFd;
 
     use nix::fcntl::{SpliceFFlags, splice};
-    use tokio::io::Interest;
     use tokio::net::TcpStream;
 
     use super::super::pipes::Pipe;
-    use super::{End, pass_eof};
 
     fn flags() -> SpliceFFlags {
         SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
     }
 
-    /// Moves what `from` has now with splice(2): socket -> pipe, then pipe -> socket until
-    /// the pipe is empty again. `None`: drained, wait again. The pipe is always empty when
-    /// this returns `None`, so an EAGAIN on the way in means "socket empty", never "pipe full".
-    pub(super) async fn burst(
-        from: &TcpStream,
-        to: &TcpStream,
-        pipe: &mut Pipe,
-        progress: &impl Fn(usize),
-    ) -> Option<End> {
-        loop {
-            // try_io clears tokio's readiness on EAGAIN, so the next readable() really waits.
-            let read = from.try_io(Interest::READABLE, || {
-                splice(
-                    from.as_fd(),
-                    None,
-                    pipe.write_end(),
-                    None,
-                    pipe.capacity(),
-                    flags(),
-                )
-                .map_err(io::Error::from)
-            });
-            match read {
-                Ok(0) => return Some(pass_eof(to)),
-                Ok(n) => {
-                    pipe.filled(n);
-                    if drain(pipe, to, progress).await.is_err() {
-                        return Some(End::WriteFailed);
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => return Some(End::ReadFailed),
-            }
-        }
+    /// The pipe is empty whenever this is called (we drain before reading again), so
+    /// EAGAIN means "socket empty", never "pipe full".
+    pub fn socket_to_pipe(from: &TcpStream, pipe: &Pipe) -> io::Result<usize> {
+        splice(
+            from.as_fd(),
+            None,
+            pipe.write_end(),
+            None,
+            pipe.capacity(),
+            flags(),
+        )
+        .map_err(io::Error::from)
     }
 
-    async fn drain(pipe: &mut Pipe, to: &TcpStream, progress: &impl Fn(usize)) -> io::Result<()> {
-        while pipe.queued() > 0 {
-            to.writable().await?;
-            let wrote = to.try_io(Interest::WRITABLE, || {
-                splice(pipe.read_end(), None, to.as_fd(), None, pipe.queued(), flags())
-                    .map_err(io::Error::from)
-            });
-            match wrote {
-                Ok(n) => {
-                    pipe.drained(n);
-                    progress(n);
-                }
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+    pub fn pipe_to_socket(pipe: &Pipe, to: &TcpStream) -> io::Result<usize> {
+        splice(
+            pipe.read_end(),
+            None,
+            to.as_fd(),
+            None,
+            pipe.queued(),
+            flags(),
+        )
+        .map_err(io::Error::from)
     }
 }
 

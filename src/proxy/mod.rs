@@ -22,7 +22,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::balancer::BackendSet;
 use crate::config::{OnBackendDown, ServiceConfig};
@@ -130,16 +129,14 @@ pub async fn accept_loop(service: Arc<Service>, listener: TcpListener, stop: Can
                 backoff = BACKOFF_MIN;
                 service.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 let service = service.clone();
-                let span = tracing::info_span!("conn", service = %service.name, client = %peer);
-                service.connections.clone().spawn(
-                    async move {
-                        service.stats.active.fetch_add(1, Ordering::Relaxed);
-                        handle(&service, client, peer).await;
-                        service.stats.active.fetch_sub(1, Ordering::Relaxed);
-                        drop(permits);
-                    }
-                    .instrument(span),
-                );
+                // No tracing span per connection: it would cost an allocation and a
+                // few hundred bytes per idle connection; the lines carry the fields.
+                service.connections.clone().spawn(async move {
+                    service.stats.active.fetch_add(1, Ordering::Relaxed);
+                    handle(&service, client, peer).await;
+                    service.stats.active.fetch_sub(1, Ordering::Relaxed);
+                    drop(permits);
+                });
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 tracing::warn!(service = %service.name, "accept: {e}; backing off {backoff:?}");
@@ -174,6 +171,7 @@ async fn handle(service: &Service, client: TcpStream, peer: SocketAddr) {
             service.stats.rejected.fetch_add(1, Ordering::Relaxed);
             // Close at once so the client retries instead of hanging.
             tracing::warn!(
+                service = %service.name,
                 client = %peer,
                 duration_ms = start.elapsed().as_millis() as u64,
                 reason = e.reason(),
@@ -199,6 +197,7 @@ async fn handle(service: &Service, client: TcpStream, peer: SocketAddr) {
     backend.active.fetch_sub(1, Ordering::Relaxed);
     crate::metrics::connection_closed(service, &backend, start.elapsed());
     tracing::info!(
+        service = %service.name,
         client = %peer,
         backend = %backend.name,
         bytes_in = totals.to_backend,

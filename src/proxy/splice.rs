@@ -7,14 +7,14 @@
 //! the backend is marked down, zero-copy `splice(2)`, and no buffer or pipe held by an
 //! idle connection (see [`super::copy`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::copy::pump;
+use super::copy::{Direction, End};
 use crate::balancer::Backend;
 
 /// Why a proxied connection ended (the `reason` of the close log line).
@@ -64,16 +64,6 @@ pub struct Totals {
     pub reason: CloseReason,
 }
 
-/// How one direction ended.
-pub(super) enum End {
-    /// The source sent FIN; it was passed on as shutdown(write) to the sink.
-    Eof,
-    /// Reading the source failed: the source is gone (reset); end everything now.
-    ReadFailed,
-    /// Writing the sink failed: the sink is gone; the other direction will see it too.
-    WriteFailed,
-}
-
 /// Splices `client` and `backend` until both directions end, one side resets, the idle
 /// timeout passes, or `stop` resolves (backend down or disabled, drain over) with the
 /// reason. Bytes are also added to `counters`' live totals as they move.
@@ -84,49 +74,51 @@ pub async fn splice(
     counters: &Backend,
     stop: impl Future<Output = CloseReason>,
 ) -> Totals {
-    let base = Instant::now();
-    let activity = AtomicU64::new(0);
-    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let reason = {
-        let c2b = pump(
-            &client,
-            &backend,
-            [&up, &counters.bytes_to],
-            &activity,
-            base,
-        );
-        let b2c = pump(
-            &backend,
-            &client,
-            [&down, &counters.bytes_from],
-            &activity,
-            base,
-        );
-        tokio::pin!(c2b, b2c, stop);
-        let (mut c2b_end, mut b2c_end) = (None, None);
-        loop {
-            tokio::select! {
-                end = &mut c2b, if c2b_end.is_none() => {
-                    if matches!(end, End::ReadFailed) { break CloseReason::ClientReset; }
-                    c2b_end = Some((end, b2c_end.is_none()));
-                }
-                end = &mut b2c, if b2c_end.is_none() => {
-                    if matches!(end, End::ReadFailed) { break CloseReason::BackendReset; }
-                    b2c_end = Some((end, c2b_end.is_none()));
-                }
-                _ = idle(&activity, base, idle_timeout) => break CloseReason::IdleTimeout,
-                reason = &mut stop => break reason,
-            }
-            if let (Some((c, c_first)), Some((b, _))) = (&c2b_end, &b2c_end) {
-                break match (c, b) {
-                    (End::WriteFailed, _) => CloseReason::BackendReset,
-                    (_, End::WriteFailed) => CloseReason::ClientReset,
-                    _ if *c_first => CloseReason::ClientClosed,
-                    _ => CloseReason::BackendClosed,
-                };
-            }
+    let mut c2b = Direction::new();
+    let mut b2c = Direction::new();
+    let mut first_eof: Option<bool> = None; // Some(true): the client's FIN came first
+    let mut last_activity = Instant::now();
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle, stop);
+    let reason = std::future::poll_fn(|cx| {
+        if let Poll::Ready(reason) = stop.as_mut().poll(cx) {
+            return Poll::Ready(reason);
         }
-    };
+        let mut progressed = false;
+        let c = c2b.poll(cx, &client, &backend, &counters.bytes_to, &mut progressed);
+        if c == Poll::Ready(End::ReadFailed) {
+            return Poll::Ready(CloseReason::ClientReset);
+        }
+        let b = b2c.poll(cx, &backend, &client, &counters.bytes_from, &mut progressed);
+        if b == Poll::Ready(End::ReadFailed) {
+            return Poll::Ready(CloseReason::BackendReset);
+        }
+        if first_eof.is_none() && (c.is_ready() || b.is_ready()) {
+            first_eof = Some(c.is_ready());
+        }
+        if let (Poll::Ready(c), Poll::Ready(b)) = (c, b) {
+            return Poll::Ready(match (c, b) {
+                (End::WriteFailed, _) => CloseReason::BackendReset,
+                (_, End::WriteFailed) => CloseReason::ClientReset,
+                _ if first_eof == Some(true) => CloseReason::ClientClosed,
+                _ => CloseReason::BackendClosed,
+            });
+        }
+        // The idle timer is only re-armed when it fires (not on every byte, which would
+        // touch the timer wheel per read): then it checks the last activity.
+        if progressed {
+            last_activity = Instant::now();
+        }
+        while idle.as_mut().poll(cx).is_ready() {
+            let deadline = last_activity + idle_timeout;
+            if Instant::now() >= deadline {
+                return Poll::Ready(CloseReason::IdleTimeout);
+            }
+            idle.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await;
     // Pass an abort on as an abort (RST, via SO_LINGER 0), so the other peer learns at
     // once rather than at its next write. A backend we give up on is reset too: a hung
     // one would otherwise hold an orphaned socket retransmitting our FIN for minutes.
@@ -139,24 +131,12 @@ pub async fn splice(
         _ => {}
     }
     Totals {
-        to_backend: up.load(Ordering::Relaxed),
-        to_client: down.load(Ordering::Relaxed),
+        to_backend: c2b.moved,
+        to_client: b2c.moved,
         reason,
     }
 }
 
 fn abort(s: &TcpStream) {
     let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
-}
-
-/// Resolves once nothing moved in either direction for `timeout`.
-async fn idle(activity: &AtomicU64, base: Instant, timeout: Duration) {
-    loop {
-        let last = base + Duration::from_millis(activity.load(Ordering::Relaxed));
-        let deadline = last + timeout;
-        if Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep_until(deadline).await;
-    }
 }

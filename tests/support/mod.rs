@@ -385,3 +385,24 @@ pub fn which_server(lb: SocketAddr) -> Option<String> {
     let at = text.find("\"server\":\"")? + "\"server\":\"".len();
     Some(text[at..].split('"').next()?.to_string())
 }
+
+/// A backend for tests that need a slow first health round: `GET /healthz` is answered
+/// 200 after `delay`; any other first bytes are echoed, and the rest of the stream too.
+pub fn slow_health_echo(delay: Duration) -> TcpServer {
+    TcpServer::start(move |mut s| {
+        let mut buf = [0u8; 16384];
+        let n = match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if buf[..n].starts_with(b"GET /healthz") {
+            std::thread::sleep(delay);
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+            return;
+        }
+        if s.write_all(&buf[..n]).is_ok() {
+            echo_handler(s);
+        }
+    })
+}
