@@ -71,20 +71,29 @@ impl Backends {
         let mut children = Vec::new();
         for i in 1..=n {
             let id = format!("s{i}");
-            let mut child = Command::new(&exe)
-                .args([
-                    "backend",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--id",
-                    &id,
-                    "--secret",
-                    secret,
-                ])
-                .env("LB_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .kill_on_drop(true)
+            let mut cmd = Command::new(&exe);
+            cmd.args([
+                "backend",
+                "--listen",
+                "127.0.0.1:0",
+                "--id",
+                &id,
+                "--secret",
+                secret,
+            ])
+            .env("LB_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+            // Even if the demo itself is killed, its backends must not outlive it.
+            // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory
+            // of the parent; it is all the child runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+                });
+            }
+            let mut child = cmd
                 .spawn()
                 .with_context(|| format!("cannot start backend {id}"))?;
             let stdout = child.stdout.take().context("no stdout")?;

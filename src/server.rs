@@ -159,10 +159,12 @@ impl Balancer {
         TcpListener,
     ) {
         let name: Arc<str> = cfg.name.as_str().into();
+        // Parent of every backend's close tokens: cancelled when the drain time runs out.
+        let hard_stop = CancellationToken::new();
         let members: Vec<Arc<Backend>> = cfg
             .backends
             .iter()
-            .map(|b| Arc::new(Backend::new(name.clone(), b, initial)))
+            .map(|b| Arc::new(Backend::new(name.clone(), b, initial, &hard_stop)))
             .collect();
         let set = Arc::new(BackendSet::new(
             name,
@@ -185,7 +187,7 @@ impl Balancer {
             checkers.insert(b.name.clone(), stop);
         }
         let local_addr = listener.local_addr().unwrap_or(cfg.listen);
-        let service = Arc::new(Service::new(cfg, set, self.fd_budget.clone()));
+        let service = Arc::new(Service::new(cfg, set, self.fd_budget.clone(), hard_stop));
         let entry = ServiceEntry {
             service,
             local_addr,
@@ -380,7 +382,12 @@ impl Balancer {
                 None => {
                     changes.push(format!("{}/{} added ({})", new.name, b.name, b.addr));
                     // Checked before it takes traffic.
-                    let m = Arc::new(Backend::new(set.service.clone(), b, BackendState::Down));
+                    let m = Arc::new(Backend::new(
+                        set.service.clone(),
+                        b,
+                        BackendState::Down,
+                        &entry.service.hard_stop,
+                    ));
                     self.restart_checker(entry, &set, &m, &new, Start::Decisive);
                     members.push(m);
                 }

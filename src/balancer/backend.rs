@@ -104,16 +104,29 @@ pub struct Backend {
     /// Health transitions so far.
     pub transitions: AtomicU64,
     last_transition: Mutex<Option<LastTransition>>,
-    /// Cancelled when health marks the backend down (watched if on_backend_down = close).
-    on_down: ArcSwap<CancellationToken>,
-    /// Cancelled to close every connection regardless of policy (disable, removal).
+    /// The service's "drain over" token; parent of `on_kick`.
+    parent: CancellationToken,
+    /// Cancelled to close every connection regardless of policy (disable, removal);
+    /// a child of `parent`, so it also fires when the service's drain time runs out.
     on_kick: ArcSwap<CancellationToken>,
+    /// Cancelled when health marks the backend down; a child of `on_kick`. A connection
+    /// watches this one token when on_backend_down = close, else `on_kick`: one wait
+    /// future per connection instead of three (that is memory every idle connection holds).
+    on_down: ArcSwap<CancellationToken>,
 }
 
 impl Backend {
     /// A backend in health `initial`: Up at start-up (until its first check answers),
     /// Down when added by a reload (it is checked before it takes traffic).
-    pub fn new(service: Arc<str>, cfg: &BackendConfig, initial: BackendState) -> Backend {
+    /// `parent` is the service's "drain over" token.
+    pub fn new(
+        service: Arc<str>,
+        cfg: &BackendConfig,
+        initial: BackendState,
+        parent: &CancellationToken,
+    ) -> Backend {
+        let on_kick = parent.child_token();
+        let on_down = on_kick.child_token();
         Backend {
             service,
             name: cfg.name.as_str().into(),
@@ -133,8 +146,9 @@ impl Backend {
             last_check_us: AtomicU64::new(0),
             transitions: AtomicU64::new(0),
             last_transition: Mutex::new(None),
-            on_down: ArcSwap::from_pointee(CancellationToken::new()),
-            on_kick: ArcSwap::from_pointee(CancellationToken::new()),
+            parent: parent.clone(),
+            on_kick: ArcSwap::from_pointee(on_kick),
+            on_down: ArcSwap::from_pointee(on_down),
         }
     }
 
@@ -239,15 +253,16 @@ impl Backend {
 
     /// Closes connections watching the down token, and arms a fresh one for later ones.
     pub(crate) fn sever(&self) {
-        self.on_down
-            .swap(Arc::new(CancellationToken::new()))
-            .cancel();
+        let fresh = self.on_kick.load().child_token();
+        self.on_down.swap(Arc::new(fresh)).cancel();
     }
 
-    /// Closes every open connection, and arms a fresh token for later ones.
+    /// Closes every open connection, and arms fresh tokens for later ones.
     pub(crate) fn kick(&self) {
-        self.on_kick
-            .swap(Arc::new(CancellationToken::new()))
-            .cancel();
+        let kick = self.parent.child_token();
+        let down = kick.child_token();
+        let old = self.on_kick.swap(Arc::new(kick));
+        self.on_down.store(Arc::new(down));
+        old.cancel();
     }
 }

@@ -102,6 +102,7 @@ mod tests {
                     weight,
                 },
                 BackendState::Up,
+                &tokio_util::sync::CancellationToken::new(),
             )),
             weight,
         }

@@ -57,10 +57,12 @@ pub struct Service {
 }
 
 impl Service {
+    /// `hard_stop` is the token the service's backends were created under.
     pub fn new(
         config: ServiceConfig,
         backends: Arc<BackendSet>,
         fd_budget: Arc<Semaphore>,
+        hard_stop: CancellationToken,
     ) -> Service {
         Service {
             name: config.name.as_str().into(),
@@ -70,7 +72,7 @@ impl Service {
             backends,
             stats: ServiceStats::default(),
             connections: TaskTracker::new(),
-            hard_stop: CancellationToken::new(),
+            hard_stop,
         }
     }
 
@@ -182,15 +184,22 @@ async fn handle(service: &Service, client: TcpStream, peer: SocketAddr) {
     };
     backend.active.fetch_add(1, Ordering::Relaxed);
     backend.total.fetch_add(1, Ordering::Relaxed);
-    let on_down = backend.down_token();
-    let kick = backend.kick_token();
-    let close_on_down = cfg.on_backend_down == OnBackendDown::Close;
-    // Whatever ends a connection from outside, with the reason it will be logged under.
+    // One token covers every outside reason to close (see Backend's tokens); which one
+    // fired is read back afterwards.
+    let watched = match cfg.on_backend_down {
+        OnBackendDown::Close => backend.down_token(),
+        OnBackendDown::Keep => backend.kick_token(),
+    };
     let stop = async {
-        tokio::select! {
-            _ = on_down.cancelled(), if close_on_down => CloseReason::BackendDown,
-            _ = kick.cancelled() => if backend.is_removed() { CloseReason::BackendRemoved } else { CloseReason::BackendDisabled },
-            _ = service.hard_stop.cancelled() => CloseReason::Shutdown,
+        watched.cancelled().await;
+        if service.hard_stop.is_cancelled() {
+            CloseReason::Shutdown
+        } else if backend.is_removed() {
+            CloseReason::BackendRemoved
+        } else if backend.admin() == crate::balancer::AdminState::Disabled {
+            CloseReason::BackendDisabled
+        } else {
+            CloseReason::BackendDown
         }
     };
     let totals = splice(client, upstream, cfg.idle_timeout, &backend, stop).await;
