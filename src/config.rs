@@ -170,6 +170,10 @@ pub mod defaults {
     pub const WEIGHT: u32 = 1;
     /// Upper bound on a weight (keeps the round-robin schedule small).
     pub const MAX_WEIGHT: u32 = 256;
+    /// Upper bound on `max_connections` (far above what one process can hold).
+    pub const MAX_CONNECTIONS_LIMIT: usize = 100_000_000;
+    /// Upper bound on any duration (a typo like "500000000y" would overflow timers).
+    pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 }
 
 // ---- file types: exactly what the TOML may say ----
@@ -244,6 +248,14 @@ impl Config {
         let file: FileConfig = toml::from_str(text).map_err(|e| v.toml_error(&e))?;
         v.validate(file)
     }
+}
+
+/// Would binding `a` and `b` collide? Same port and family, and the same address or
+/// either one the wildcard (0.0.0.0 / ::), which covers every local address.
+fn same_socket(a: &SocketAddr, b: &SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// Turns file types into typed config; knows the text so it can turn spans into lines.
@@ -328,6 +340,9 @@ impl Validator<'_> {
         if !allow_zero && d.is_zero() {
             return Err(self.err(Some(v.span()), key, "must be greater than zero"));
         }
+        if d > defaults::MAX_DURATION {
+            return Err(self.err(Some(v.span()), key, "must be at most a year"));
+        }
         Ok(d)
     }
 
@@ -365,6 +380,8 @@ impl Validator<'_> {
         }
         let mut names = HashSet::new();
         let mut listens = HashSet::new();
+        // Checked once every listen address is known: a backend must not be lb itself.
+        let mut backend_addrs = Vec::new();
         let mut services = Vec::with_capacity(file.service.len());
         for s in file.service {
             let span = s.span();
@@ -382,21 +399,24 @@ impl Validator<'_> {
                 return Err(self.err(Some(s.name.span()), k("name"), "duplicate service name"));
             }
             let listen = self.addr(&s.listen, k("listen"))?;
-            if !listens.insert(listen) {
+            if let Some(other) = listens.iter().find(|l| same_socket(l, &listen)) {
                 return Err(self.err(
                     Some(s.listen.span()),
                     k("listen"),
-                    format!("{listen} is already the listen address of another service"),
+                    format!(
+                        "{listen} conflicts with {other}, the listen address of another service"
+                    ),
                 ));
             }
+            listens.insert(listen);
             let health = self.health(s.health, &name)?;
             let max_connections = match s.max_connections {
                 None => defaults::MAX_CONNECTIONS,
-                Some(v) if *v.get_ref() == 0 => {
+                Some(v) if *v.get_ref() == 0 || *v.get_ref() > defaults::MAX_CONNECTIONS_LIMIT => {
                     return Err(self.err(
                         Some(v.span()),
                         k("max_connections"),
-                        "must be at least 1",
+                        format!("must be between 1 and {}", defaults::MAX_CONNECTIONS_LIMIT),
                     ));
                 }
                 Some(v) => v.into_inner(),
@@ -433,6 +453,14 @@ impl Validator<'_> {
                     ));
                 }
                 let addr = self.addr(&b.addr, bk("addr"))?;
+                if addr.port() == 0 {
+                    return Err(self.err(
+                        Some(b.addr.span()),
+                        bk("addr"),
+                        "port 0 is not a backend port",
+                    ));
+                }
+                backend_addrs.push((addr, b.addr.span(), bk("addr")));
                 let weight = match b.weight {
                     None => defaults::WEIGHT,
                     Some(w) if *w.get_ref() > defaults::MAX_WEIGHT => {
@@ -479,6 +507,24 @@ impl Validator<'_> {
                 health,
                 backends,
             });
+        }
+        for (addr, span, key) in &backend_addrs {
+            // A wildcard listener is only known to be us for loopback backends: another
+            // host on the same port (0.0.0.0:8080 -> 10.0.0.5:8080) is the usual setup.
+            let is_us = |l: &&SocketAddr| {
+                l.port() == addr.port()
+                    && l.is_ipv4() == addr.is_ipv4()
+                    && (l.ip() == addr.ip()
+                        || (l.ip().is_unspecified()
+                            && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+            };
+            if let Some(l) = listens.iter().find(is_us) {
+                return Err(self.err(
+                    Some(span.clone()),
+                    key.clone(),
+                    format!("{addr} is lb's own listen address {l}: lb would connect to itself"),
+                ));
+            }
         }
         let admin = match file.admin {
             None => None,
@@ -531,21 +577,37 @@ impl Validator<'_> {
             Some(p) if !p.get_ref().starts_with('/') => {
                 return Err(self.err(Some(p.span()), k("path"), "must start with '/'"));
             }
+            Some(p)
+                if p.get_ref()
+                    .parse::<hyper::http::uri::PathAndQuery>()
+                    .is_err() =>
+            {
+                return Err(self.err(
+                    Some(p.span()),
+                    k("path"),
+                    format!("{:?} is not a valid request path (spaces and control characters must be %-encoded)", p.get_ref()),
+                ));
+            }
             Some(p) => p.into_inner(),
         };
         let interval = self.duration(h.interval, defaults::INTERVAL, k("interval"), false)?;
         // HAProxy's fastinter: between states, look again sooner so a flap is confirmed fast.
         let fast_default = (interval / 4).max(Duration::from_millis(50)).min(interval);
+        let fast_span = h.fast_interval.as_ref().map(|f| f.span());
+        let fast_interval =
+            self.duration(h.fast_interval, fast_default, k("fast_interval"), false)?;
+        if fast_interval > interval {
+            return Err(self.err(
+                fast_span,
+                k("fast_interval"),
+                format!("must not be longer than interval ({interval:?})"),
+            ));
+        }
         Ok(HealthConfig {
             check: h.check.unwrap_or(defaults::CHECK),
             path,
             interval,
-            fast_interval: self.duration(
-                h.fast_interval,
-                fast_default,
-                k("fast_interval"),
-                false,
-            )?,
+            fast_interval,
             timeout: self.duration(h.timeout, defaults::TIMEOUT, k("timeout"), false)?,
             rise: self.at_least_one(h.rise, defaults::RISE, k("rise"))?,
             fall: self.at_least_one(h.fall, defaults::FALL, k("fall"))?,
@@ -589,6 +651,21 @@ mod tests {
         assert!(
             e.starts_with("lb.toml:5:") && e.contains("health.rise"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn wildcard_listen_allows_remote_backend_on_same_port() {
+        let text = MIN
+            .replace("127.0.0.1:8080", "0.0.0.0:9001")
+            .replace("127.0.0.1:9001", "192.0.2.10:9001");
+        assert!(parse(&text).is_ok());
+        let own = MIN.replace("127.0.0.1:8080", "0.0.0.0:9001");
+        assert!(
+            parse(&own)
+                .unwrap_err()
+                .to_string()
+                .contains("connect to itself")
         );
     }
 }

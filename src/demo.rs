@@ -219,7 +219,11 @@ pub async fn main(args: DemoArgs) -> anyhow::Result<()> {
         backoff_cap: Duration::from_secs(5),
     });
 
-    let outcome = run_scenario(&args, &backends, &balancer, &fleet, &mut transitions).await;
+    // Ctrl-C or SIGTERM ends the demo early, still cleaning up every child.
+    let outcome = tokio::select! {
+        r = run_scenario(&args, &backends, &balancer, &fleet, &mut transitions) => r,
+        () = crate::shutdown::signal() => Err(anyhow::anyhow!("interrupted")),
+    };
 
     let _ = fleet.stop().await;
     balancer.shutdown().await;

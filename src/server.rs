@@ -23,7 +23,7 @@ use crate::proxy::{self, Service};
 /// Why the balancer could not start, or a reload could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("service {service:?}: cannot listen on {addr}: {source}")]
+    #[error("service {service:?}: cannot listen on {addr}")]
     Bind {
         service: String,
         addr: SocketAddr,
@@ -473,9 +473,24 @@ impl Balancer {
         service
     }
 
+    /// Ends the drain at once: closes every connection of every service.
+    pub fn abort_drain(&self) {
+        let state = self.lock();
+        for s in state
+            .services
+            .iter()
+            .map(|e| &e.service)
+            .chain(state.retired.iter())
+        {
+            s.hard_stop.cancel();
+        }
+    }
+
     /// Stops accepting (listeners close, new connects are refused), lets open connections
     /// finish for up to each service's `drain_timeout`, then closes what is left.
     pub async fn shutdown(&self) {
+        // /ready answers 503 from now on, so a load balancer in front stops sending.
+        self.ready.store(false, Ordering::Release);
         let services: Vec<Arc<Service>> = {
             let state = self.lock();
             for e in &state.services {
@@ -552,8 +567,17 @@ pub async fn run(
     crate::systemd::stopping();
     stop_reloader.cancel();
     let _ = reloader.await;
-    tracing::info!("shutting down: no longer accepting");
-    balancer.shutdown().await;
+    tracing::info!("shutting down: no longer accepting (a second signal closes everything now)");
+    let drain = balancer.shutdown();
+    tokio::pin!(drain);
+    tokio::select! {
+        () = &mut drain => {}
+        () = crate::shutdown::signal() => {
+            tracing::warn!("second signal: closing every connection now");
+            balancer.abort_drain();
+            drain.await;
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -34,6 +34,37 @@ const CASES: &[(&str, Option<u32>, &[&str])] = &[
     ("bad_check.toml", Some(6), &["check", "ping"]),
     ("no_backends.toml", Some(1), &["backend", "at least one"]),
     ("syntax.toml", Some(2), &["name"]),
+    (
+        "huge_max_connections.toml",
+        Some(4),
+        &["max_connections", "between 1 and"],
+    ),
+    (
+        "backend_is_self.toml",
+        Some(7),
+        &["backend \"self\" addr", "connect to itself"],
+    ),
+    (
+        "listen_conflict.toml",
+        Some(11),
+        &["service \"other\" listen", "conflicts with 127.0.0.1:18080"],
+    ),
+    (
+        "bad_health_path.toml",
+        Some(6),
+        &["health.path", "not a valid request path"],
+    ),
+    (
+        "fast_interval_too_long.toml",
+        Some(7),
+        &["health.fast_interval", "longer than interval"],
+    ),
+    (
+        "huge_duration.toml",
+        Some(4),
+        &["idle_timeout", "at most a year"],
+    ),
+    ("backend_port_zero.toml", Some(7), &["addr", "port 0"]),
 ];
 
 fn data(name: &str) -> String {

@@ -110,7 +110,7 @@ impl Direction {
     }
 
     /// Bytes read but not yet written.
-    fn pending(&self) -> usize {
+    pub fn pending(&self) -> usize {
         match &self.carrier {
             Carrier::None => 0,
             #[cfg(target_os = "linux")]

@@ -35,6 +35,37 @@ pub struct ServiceStats {
     pub rejected: AtomicU64,
     /// Client connections open now.
     pub active: AtomicUsize,
+    /// Refusals are logged at most once a second per service: with every backend down,
+    /// thousands of reconnecting clients would otherwise flood the log.
+    refusal_log: LogLimiter,
+}
+
+/// Lets one log line through per second and counts the ones it held back.
+#[derive(Debug, Default)]
+struct LogLimiter {
+    /// Second (since the process's first use) of the last line let through, plus one.
+    last: AtomicU64,
+    held_back: AtomicU64,
+}
+
+impl LogLimiter {
+    /// `Some(n)`: log now, `n` lines were held back since the last one.
+    fn allow(&self) -> Option<u64> {
+        static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let now = EPOCH.get_or_init(Instant::now).elapsed().as_secs() + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        if last != now
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.held_back.swap(0, Ordering::Relaxed))
+        } else {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
 }
 
 /// What the accept loop and its connection tasks of one service share.
@@ -172,13 +203,16 @@ async fn handle(service: &Service, client: TcpStream, peer: SocketAddr) {
         Err(e) => {
             service.stats.rejected.fetch_add(1, Ordering::Relaxed);
             // Close at once so the client retries instead of hanging.
-            tracing::warn!(
-                service = %service.name,
-                client = %peer,
-                duration_ms = start.elapsed().as_millis() as u64,
-                reason = e.reason(),
-                "connection refused: {e}"
-            );
+            if let Some(held_back) = service.stats.refusal_log.allow() {
+                tracing::warn!(
+                    service = %service.name,
+                    client = %peer,
+                    duration_ms = start.elapsed().as_millis() as u64,
+                    reason = e.reason(),
+                    similar_lines_held_back = held_back,
+                    "connection refused: {e}"
+                );
+            }
             return;
         }
     };

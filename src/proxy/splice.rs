@@ -122,6 +122,15 @@ pub async fn splice(
     // Pass an abort on as an abort (RST, via SO_LINGER 0), so the other peer learns at
     // once rather than at its next write. A backend we give up on is reset too: a hung
     // one would otherwise hold an orphaned socket retransmitting our FIN for minutes.
+    // A close we force while bytes we read still wait in our pipe or buffer would look
+    // like a clean end to the peer that never gets them: reset it instead, so the
+    // truncation shows.
+    if c2b.pending() > 0 {
+        abort(&backend);
+    }
+    if b2c.pending() > 0 {
+        abort(&client);
+    }
     match reason {
         CloseReason::ClientReset => abort(&backend),
         CloseReason::BackendReset => abort(&client),
