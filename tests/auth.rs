@@ -147,6 +147,60 @@ async fn expired_token_is_401() {
     assert_refused(addr, "/ws", &bearer(&expired), "expired").await;
 }
 
+/// Signs arbitrary JSON claims with HS256, for claims `Claims` cannot express.
+fn signed(secret: &str, claims: serde_json::Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &key,
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn not_yet_valid_token_is_401() {
+    let (_b, addr) = support::spawn_backend("s1");
+    let now = token::now_unix();
+    let early = signed(
+        DEFAULT_SECRET,
+        serde_json::json!({"sub": "alice", "exp": now + 3600, "nbf": now + 600}),
+    );
+    assert_refused(addr, "/ws", &bearer(&early), "not yet valid").await;
+    assert_refused(addr, &format!("/ws?token={early}"), "", "not yet valid").await;
+    // No leeway: a few seconds early is still early.
+    let barely = signed(
+        DEFAULT_SECRET,
+        serde_json::json!({"sub": "alice", "exp": now + 3600, "nbf": now + 5}),
+    );
+    assert_refused(addr, "/ws", &bearer(&barely), "not yet valid").await;
+    // A malformed nbf is refused, not ignored.
+    let junk = signed(
+        DEFAULT_SECRET,
+        serde_json::json!({"sub": "alice", "exp": now + 3600, "nbf": "tomorrow"}),
+    );
+    assert_refused(addr, "/ws", &bearer(&junk), "malformed").await;
+    // An nbf in the past is fine.
+    let ripe = signed(
+        DEFAULT_SECRET,
+        serde_json::json!({"sub": "alice", "exp": now + 3600, "nbf": now - 10}),
+    );
+    let w = welcome(addr, "/ws", Some(&ripe)).await;
+    assert_eq!(w["user"], "alice");
+}
+
+#[tokio::test]
+async fn token_without_sub_or_exp_is_401() {
+    let (_b, addr) = support::spawn_backend("s1");
+    let exp = token::now_unix() + 3600;
+    let no_sub = signed(DEFAULT_SECRET, serde_json::json!({"exp": exp}));
+    assert_refused(addr, "/ws", &bearer(&no_sub), "sub").await;
+    let empty_sub = signed(DEFAULT_SECRET, serde_json::json!({"sub": "", "exp": exp}));
+    assert_refused(addr, "/ws", &bearer(&empty_sub), "sub").await;
+    let no_exp = signed(DEFAULT_SECRET, serde_json::json!({"sub": "alice"}));
+    assert_refused(addr, "/ws", &bearer(&no_exp), "exp").await;
+}
+
 #[tokio::test]
 async fn malformed_token_is_401() {
     let (_b, addr) = support::spawn_backend("s1");

@@ -178,10 +178,19 @@ async fn next(ws: &mut Client) -> Message {
 
 /// Simple `GET path` over a fresh connection; returns (status code, body).
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (code, _head, body) = http_request(addr, "GET", path).await;
+    (code, body)
+}
+
+/// `METHOD path` over a fresh connection closed by the server after the response;
+/// returns (status code, head, everything after the head).
+async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = Vec::new();
     timeout(WAIT, s.read_to_end(&mut out))
         .await
@@ -189,8 +198,16 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap();
     let text = String::from_utf8_lossy(&out).to_string();
     let code = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").unwrap().1.to_string();
-    (code, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (code, head.to_string(), body.to_string())
+}
+
+/// Value of header `name` in a response head, if present.
+fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
 }
 
 async fn users(addr: SocketAddr) -> serde_json::Map<String, serde_json::Value> {
@@ -206,6 +223,56 @@ async fn healthz_and_unknown_path() {
     let (_b, addr) = support::spawn_backend("s1");
     assert_eq!(http_get(addr, "/healthz").await, (200, "ok".to_string()));
     assert_eq!(http_get(addr, "/nope").await.0, 404);
+}
+
+#[tokio::test]
+async fn head_healthz_and_users_answer_200_without_body() {
+    let (_b, addr) = support::spawn_backend("s1");
+    let (code, head, body) = http_request(addr, "HEAD", "/healthz").await;
+    assert_eq!(code, 200, "{head}");
+    assert_eq!(body, "", "HEAD must not carry a body");
+    let (code, head, body) = http_request(addr, "HEAD", "/users").await;
+    assert_eq!(code, 200, "{head}");
+    assert_eq!(body, "", "HEAD must not carry a body");
+    assert_eq!(
+        header_value(&head, "content-type"),
+        Some("application/json")
+    );
+    // Other methods are still refused, and the refusal lists what is allowed.
+    let (code, head, _) = http_request(addr, "POST", "/healthz").await;
+    assert_eq!(code, 405, "{head}");
+    assert_eq!(header_value(&head, "allow"), Some("GET, HEAD"));
+    let (code, head, _) = http_request(addr, "HEAD", "/ws").await;
+    assert_eq!(code, 405, "{head}");
+    assert_eq!(header_value(&head, "allow"), Some("GET"));
+    assert_eq!(http_request(addr, "HEAD", "/nope").await.0, 404);
+}
+
+#[tokio::test]
+async fn head_then_get_on_one_keep_alive_connection() {
+    // A monitor that keeps its connection open: if a HEAD answer leaked body bytes,
+    // they would be read as the start of the next response.
+    let (_b, addr) = support::spawn_backend("s1");
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let (first, rest) = text.split_once("\r\n\r\n").unwrap();
+    assert!(first.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        rest.starts_with("HTTP/1.1 200"),
+        "HEAD leaked a body: {text:?}"
+    );
+    assert_eq!(rest.split_once("\r\n\r\n").unwrap().1, "ok", "{text:?}");
 }
 
 #[tokio::test]

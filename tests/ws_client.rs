@@ -46,9 +46,14 @@ fn client(addr: SocketAddr, users: usize, extra: &[&str]) -> Proc {
 }
 
 /// Waits for the client to exit 0 and returns its JSON summary.
-fn summary(mut p: Proc) -> serde_json::Value {
+fn summary(p: Proc) -> serde_json::Value {
+    summary_with_exit(p, 0)
+}
+
+/// Waits for the client to exit with `expected` and returns its JSON summary.
+fn summary_with_exit(mut p: Proc, expected: i32) -> serde_json::Value {
     let code = p.wait_exit(Duration::from_secs(15));
-    assert_eq!(code, Some(0), "output:\n{}", p.output().join("\n"));
+    assert_eq!(code, Some(expected), "output:\n{}", p.output().join("\n"));
     let line = p
         .output()
         .into_iter()
@@ -166,11 +171,78 @@ fn refused_tokens_leave_users_never_connected() {
             "200ms",
         ],
     );
-    let s = summary(c);
+    // Users offline at the end make the run a failure, after the summary is printed.
+    let s = summary_with_exit(c, 1);
     assert_eq!(s["online"], 0, "{s}");
     assert_eq!(s["never_connected"], 2, "{s}");
     assert_eq!(s["users_never_back"], 2, "{s}");
     assert!(s["failed_attempts"].as_u64().unwrap() >= 2, "{s}");
+}
+
+#[test]
+fn users_lost_and_not_back_make_the_exit_status_1() {
+    let (b, addr) = support::spawn_backend("s1");
+    let c = client(
+        addr,
+        3,
+        &[
+            "--duration",
+            "3s",
+            "--heartbeat",
+            "200ms",
+            "--pong-timeout",
+            "600ms",
+            "--backoff-cap",
+            "200ms",
+        ],
+    );
+    c.wait_for_line(&["all 3 users online"], WAIT);
+    b.signal(libc::SIGKILL);
+    support::wait_until(WAIT, "3 users offline", || {
+        c.count_lines(&["offline (was on s1)"]) == 3
+    });
+    let s = summary_with_exit(c, 1);
+    assert_eq!(s["online"], 0, "{s}");
+    assert_eq!(s["users_never_back"], 3, "{s}");
+    assert_eq!(s["never_connected"], 0, "{s}");
+    assert_eq!(s["disconnects"], 3, "{s}");
+}
+
+#[test]
+fn readable_summary_then_exit_1_when_users_never_connected() {
+    let (_b, addr) = support::spawn_backend("s1");
+    let url = format!("ws://{addr}/ws");
+    let mut p = Proc::spawn(
+        "client",
+        &[
+            "client",
+            "--url",
+            &url,
+            "--users",
+            "2",
+            "--duration",
+            "1s",
+            "--secret",
+            "wrong",
+        ],
+        &[],
+    );
+    assert_eq!(
+        p.wait_exit(WAIT),
+        Some(1),
+        "output:\n{}",
+        p.output().join("\n")
+    );
+    p.wait_for_line(&["never back", "2 (never connected 2)"], WAIT);
+    p.wait_for_line(&["lb:", "2 of 2 users offline"], WAIT);
+}
+
+#[test]
+fn help_documents_the_exit_status() {
+    let mut p = Proc::spawn("client-help", &["client", "--help"], &[]);
+    assert_eq!(p.wait_exit(WAIT), Some(0));
+    p.wait_for_line(&["Exit status"], WAIT);
+    p.wait_for_line(&["1 if any user is offline"], WAIT);
 }
 
 #[test]

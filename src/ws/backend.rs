@@ -1,10 +1,10 @@
 //! `lb backend`: the bundled WebSocket connection server.
 //!
-//! One hyper HTTP/1 connection per accepted socket serves `/healthz`, `/users`
-//! and `/ws`. `/ws` checks the bearer token *before* agreeing to upgrade, then
-//! hands the raw upgraded socket to tokio-tungstenite for the session: welcome,
-//! echo, automatic pongs, a size limit that answers with close 1009, and an idle
-//! timeout for clients that fall silent.
+//! One hyper HTTP/1 connection per accepted socket serves `/healthz` and `/users`
+//! (GET or HEAD) and `/ws`. `/ws` checks the bearer token *before* agreeing to
+//! upgrade, then hands the raw upgraded socket to tokio-tungstenite for the session:
+//! welcome, echo, automatic pongs, a size limit that answers with close 1009, and an
+//! idle timeout for clients that fall silent.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -260,11 +260,13 @@ async fn serve_http(stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
-/// Routes one HTTP request.
+/// Routes one HTTP request. `/healthz` and `/users` answer HEAD like GET (monitors
+/// and load balancers probe with HEAD); hyper leaves the body out of a HEAD response.
 async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<Bytes>> {
+    let get_or_head = matches!(*req.method(), Method::GET | Method::HEAD);
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
-        (&Method::GET, "/users") => {
+        (_, "/healthz") if get_or_head => text(StatusCode::OK, "ok"),
+        (_, "/users") if get_or_head => {
             let users = shared.presence.snapshot().await;
             let body = serde_json::to_vec(&users).unwrap_or_default();
             let mut resp = Response::new(Full::new(Bytes::from(body)));
@@ -275,12 +277,9 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<By
             resp
         }
         (&Method::GET, "/ws") => upgrade(req, shared),
-        (_, "/healthz" | "/users" | "/ws") => {
-            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-            resp.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET"));
-            resp
-        }
+        (_, "/healthz" | "/users") => method_not_allowed("GET, HEAD"),
+        // An upgrade is GET only (RFC 6455 §4.1).
+        (_, "/ws") => method_not_allowed("GET"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -293,6 +292,14 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    resp
+}
+
+/// A 405 listing the methods `allow`ed on the path.
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
     resp
 }
 

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
+use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -44,8 +45,15 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How often `lb client` logs a progress line.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
+/// Exit status of `lb client`, shown at the end of its `--help`.
+const EXIT_STATUS_HELP: &str = "\
+Exit status: 0 if every user is online when the client stops (after --duration or on
+Ctrl-C/SIGTERM); 1 if any user is offline at that moment (lost and not back, or never
+connected, e.g. every attempt refused with 401), after printing the summary.";
+
 /// Command-line arguments of `lb client`.
 #[derive(Debug, clap::Args)]
+#[command(after_help = EXIT_STATUS_HELP)]
 pub struct ClientArgs {
     /// WebSocket URL to connect to, e.g. ws://127.0.0.1:8080/ws
     #[arg(long)]
@@ -59,10 +67,11 @@ pub struct ClientArgs {
     /// A ping not answered within this time marks the connection dead.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub pong_timeout: Duration,
-    /// Stop after this long and print the summary (default: until Ctrl-C/SIGTERM).
+    /// Stop after this long and print the summary (default: until Ctrl-C/SIGTERM);
+    /// exit 1 if any user is offline then, else 0.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
-    /// Print the summary as one JSON object on stdout.
+    /// Print the summary as one JSON object on stdout (printed before a failing exit too).
     #[arg(long)]
     pub json: bool,
     /// HS256 secret used to sign the users' tokens.
@@ -836,7 +845,8 @@ async fn close(tx: &mpsc::Sender<Message>, source: &mut Source) {
     }
 }
 
-/// Entry point of `lb client`.
+/// Entry point of `lb client`. Prints the summary when stopped, then fails (exit
+/// status 1) if any user is offline at that moment (`users_never_back > 0`).
 pub async fn main(args: ClientArgs) -> anyhow::Result<()> {
     let opts = ClientOpts::from(&args);
     opts.validate()?;
@@ -874,10 +884,23 @@ pub async fn main(args: ClientArgs) -> anyhow::Result<()> {
         _ = run => {}
     }
     let summary = fleet.stop().await;
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
-    } else {
-        print!("{summary}");
+    {
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            writeln!(out, "{}", serde_json::to_string(&summary)?)?;
+        } else {
+            write!(out, "{summary}")?;
+        }
+        // The summary must be out before the error line and the exit.
+        out.flush()?;
+    }
+    if summary.users_never_back > 0 {
+        anyhow::bail!(
+            "{} of {} users offline at exit ({} never connected)",
+            summary.users_never_back,
+            summary.users,
+            summary.never_connected
+        );
     }
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! HS256 JWT tokens (`sub`, `exp`): issued by the bundled client, checked by the backend.
 //!
 //! The claims are deliberately minimal: the backend only needs to know who the
-//! user is (`sub`) and that the token is still fresh (`exp`).
+//! user is (`sub`) and that the token is still fresh (`exp`). A token from another
+//! issuer may also carry `nbf` (not before); when present it is enforced too.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,6 +28,9 @@ pub enum TokenError {
     /// The token's `exp` lies in the past.
     #[error("token expired")]
     Expired,
+    /// The token's `nbf` (not before) lies in the future.
+    #[error("token not yet valid")]
+    NotYetValid,
     /// The token is well-formed but was not signed with our secret (or not with HS256).
     #[error("bad token signature")]
     BadSignature,
@@ -74,16 +78,22 @@ pub fn issue_claims(secret: &str, claims: &Claims) -> Result<String, TokenError>
         .map_err(|e| TokenError::Malformed(e.to_string()))
 }
 
-/// Checks signature and expiry of `token`; returns its claims.
+/// Checks signature, expiry and (if present) not-before of `token`; returns its claims.
+/// `exp` and a non-empty `sub` are required; `nbf` is optional.
 pub fn verify(secret: &str, token: &str) -> Result<Claims, TokenError> {
     let mut validation = Validation::new(Algorithm::HS256);
-    // Backends and clients of this product share a clock (or NTP); an expiry is an expiry.
+    // Backends and clients of this product share a clock (or NTP); an expiry is an
+    // expiry, and a start time is a start time.
     validation.leeway = 0;
+    validation.validate_exp = true;
+    // Checked only when the token has an `nbf`; a malformed one is refused.
+    validation.validate_nbf = true;
     validation.set_required_spec_claims(&["exp", "sub"]);
     let key = DecodingKey::from_secret(secret.as_bytes()).map_err(|_| TokenError::EmptySecret)?;
     let data =
         jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => TokenError::Expired,
+            ErrorKind::ImmatureSignature => TokenError::NotYetValid,
             // A token signed with another algorithm is as untrusted as a forged one.
             ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm => TokenError::BadSignature,
             _ => TokenError::Malformed(e.to_string()),
@@ -123,6 +133,55 @@ mod tests {
         )
         .unwrap();
         assert_eq!(verify("s", &t), Err(TokenError::Expired));
+    }
+
+    /// Signs arbitrary JSON claims (for claims `Claims` cannot express).
+    fn sign_json(secret: &str, claims: serde_json::Value) -> String {
+        let key = EncodingKey::from_secret(secret.as_bytes()).unwrap();
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn not_before() {
+        let now = now_unix();
+        let exp = now + 3600;
+        let t = sign_json(
+            "s",
+            serde_json::json!({"sub": "a", "exp": exp, "nbf": now + 60}),
+        );
+        assert_eq!(verify("s", &t), Err(TokenError::NotYetValid));
+        // Leeway 0: even one second early is refused.
+        let t = sign_json(
+            "s",
+            serde_json::json!({"sub": "a", "exp": exp, "nbf": now + 2}),
+        );
+        assert_eq!(verify("s", &t), Err(TokenError::NotYetValid));
+        let t = sign_json(
+            "s",
+            serde_json::json!({"sub": "a", "exp": exp, "nbf": now - 1}),
+        );
+        assert_eq!(verify("s", &t).map(|c| c.sub), Ok("a".to_string()));
+        let t = sign_json(
+            "s",
+            serde_json::json!({"sub": "a", "exp": exp, "nbf": "soon"}),
+        );
+        assert!(matches!(verify("s", &t), Err(TokenError::Malformed(_))));
+    }
+
+    #[test]
+    fn sub_and_exp_required() {
+        let exp = now_unix() + 3600;
+        for claims in [
+            serde_json::json!({"exp": exp}),
+            serde_json::json!({"sub": "", "exp": exp}),
+            serde_json::json!({"sub": "a"}),
+        ] {
+            let t = sign_json("s", claims.clone());
+            assert!(
+                matches!(verify("s", &t), Err(TokenError::Malformed(_))),
+                "{claims} accepted"
+            );
+        }
     }
 
     #[test]
