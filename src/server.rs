@@ -86,7 +86,11 @@ pub fn bind_all(config: &Config) -> Result<Vec<TcpListener>, ServerError> {
         .iter()
         .zip(adopted)
         .map(|(s, adopted)| match adopted {
-            Some(listener) => Ok(listener),
+            Some(listener) => {
+                // Sockets from systemd come with its options, not ours.
+                proxy::tune_listener(&listener);
+                Ok(listener)
+            }
             None => bind_service(s),
         })
         .collect()

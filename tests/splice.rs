@@ -187,3 +187,47 @@ fn backend_reset_resets_client_promptly() {
     );
     lb.wait_for_line(&["reason=\"backend_reset\""], Duration::from_secs(2));
 }
+
+/// The kernel's timer column in /proc/net/tcp for established sockets whose local port
+/// is `local` or whose remote port is `remote`: 2 means a keepalive timer is armed.
+fn keepalive_armed(local: u16, remote: u16) -> (bool, bool) {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |c: &str| u16::from_str_radix(c.rsplit(':').next().unwrap(), 16).unwrap();
+    let (mut client_leg, mut backend_leg) = (false, false);
+    for line in text.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols[3] != "01" {
+            continue;
+        }
+        let timer_on = cols[5].starts_with("02:");
+        if port(cols[1]) == local && timer_on {
+            client_leg = true;
+        }
+        if port(cols[2]) == remote && timer_on {
+            backend_leg = true;
+        }
+    }
+    (client_leg, backend_leg)
+}
+
+#[test]
+fn both_legs_have_keepalive_so_a_vanished_peer_is_found() {
+    let backend = TcpServer::echo();
+    let listen = free_addr();
+    let (_dir, cfg) = write_config(&one_service(
+        listen,
+        &[("b", backend.addr)],
+        "",
+        "check = \"tcp\"",
+    ));
+    let _lb = start_lb(&cfg);
+    let mut c = connect(listen);
+    c.write_all(b"ping").unwrap();
+    c.read_exact(&mut [0u8; 4]).unwrap();
+    // lb's accepted socket (local port = listen) and its backend socket (remote port =
+    // backend) both run a keepalive timer; the test's own sockets do not.
+    assert_eq!(
+        keepalive_armed(listen.port(), backend.addr.port()),
+        (true, true)
+    );
+}

@@ -6,8 +6,10 @@
 //! connection (readiness futures with waiter nodes, nested write futures), which idle
 //! WebSockets would hold forever. This keeps a direction at a few dozen bytes.
 //!
-//! On Linux the bytes go socket -> pipe -> socket with `splice(2)`, never entering user
-//! space. Otherwise, or when no pipe can be had, they go through a buffer. Either way the
+//! On Linux, once a direction shows bulk traffic (one read fills a whole 64 KiB buffer,
+//! HAProxy's "splice-auto" idea), its bytes go socket -> pipe -> socket with `splice(2)`,
+//! never entering user space. Before that, or when no pipe can be had, they go through a
+//! buffer. Either way the
 //! pipe or buffer is borrowed from a per-thread pool only while bytes move and returned
 //! as soon as the source has nothing more to give, so an idle connection holds neither.
 
@@ -48,6 +50,10 @@ enum Carrier {
 /// One direction's state.
 pub(super) struct Direction {
     carrier: Carrier,
+    /// Set once a read filled a whole buffer: from then on this direction splices.
+    /// Small messages (WebSocket frames) stay on plain read/write, which costs the same
+    /// syscalls and less kernel work than moving page references through a pipe.
+    bulk: bool,
     end: Option<End>,
     /// Bytes delivered to the sink.
     pub moved: u64,
@@ -57,6 +63,7 @@ impl Direction {
     pub fn new() -> Direction {
         Direction {
             carrier: Carrier::None,
+            bulk: false,
             end: None,
             moved: 0,
         }
@@ -122,7 +129,7 @@ impl Direction {
     /// Reads what the source has into the carrier (borrowing one if needed).
     fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
         if matches!(self.carrier, Carrier::None) {
-            self.carrier = borrow();
+            self.carrier = borrow(self.bulk);
         }
         match &mut self.carrier {
             #[cfg(target_os = "linux")]
@@ -133,6 +140,7 @@ impl Direction {
             }
             Carrier::Buf { buf, start, end } => {
                 let n = from.try_read(buf)?;
+                self.bulk |= n == buf.len();
                 (*start, *end) = (0, n);
                 Ok(n)
             }
@@ -188,10 +196,12 @@ impl Drop for Direction {
     }
 }
 
-fn borrow() -> Carrier {
+fn borrow(bulk: bool) -> Carrier {
     #[cfg(target_os = "linux")]
-    if let Some(p) = super::pipes::take() {
-        return Carrier::Pipe(p);
+    if bulk {
+        if let Some(p) = super::pipes::take() {
+            return Carrier::Pipe(p);
+        }
     }
     Carrier::Buf {
         buf: buffers::take(),

@@ -9,7 +9,7 @@ pub mod pipes;
 mod splice;
 
 pub use connect::{ConnectError, connect_backend};
-pub use listener::{bind, tune_stream};
+pub use listener::{bind, tune_listener, tune_stream};
 pub use splice::{CloseReason, Totals, splice};
 
 use std::net::SocketAddr;
@@ -196,7 +196,7 @@ fn is_resource_exhaustion(e: &std::io::Error) -> bool {
 /// One client connection: pick, connect (with retries), splice, log one line at the end.
 async fn handle(service: &Service, client: TcpStream, peer: SocketAddr) {
     let start = Instant::now();
-    tune_stream(&client);
+    // The client socket inherited TCP_NODELAY and keepalive from the listener.
     let cfg = service.config();
     let (backend, upstream) = match connect_backend(&service.backends, &cfg).await {
         Ok(pair) => pair,
