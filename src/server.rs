@@ -543,12 +543,15 @@ pub async fn run(
     // SIGHUP's default action kills: catch it from here on, so a `systemctl reload` sent
     // right after READY=1, before the reloader below listens, cannot stop lb.
     let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let admin = config
+        .admin
+        .clone()
+        .map(|cfg| crate::admin::bind(&cfg).map(|l| (l, cfg)))
+        .transpose()?;
     let listeners = bind_all(&config)?;
     let balancer = Balancer::start(config, listeners).await;
     // Dropped when run() returns, so /metrics and /live keep answering while lb drains.
-    let _admin = (balancer.config().admin)
-        .map(|admin| crate::admin::spawn(balancer.clone(), &admin))
-        .transpose()?;
+    let _admin = admin.map(|(listener, cfg)| crate::admin::spawn(listener, balancer.clone(), &cfg));
     let (healthy, total) = balancer.healthy_count();
     tracing::info!(
         healthy,

@@ -81,13 +81,18 @@ impl Drop for AdminServer {
     }
 }
 
-/// Binds `cfg.listen` and serves the admin API for `balancer` on the current tokio
-/// runtime until the returned [`AdminServer`] is dropped.
-pub fn spawn(balancer: Arc<Balancer>, cfg: &AdminConfig) -> Result<AdminServer, AdminError> {
-    let listener = crate::proxy::bind(cfg.listen).map_err(|source| AdminError::Bind {
+/// Binds `cfg.listen` (done before the services start, so a bad admin address fails
+/// start-up before any client is accepted).
+pub fn bind(cfg: &AdminConfig) -> Result<TcpListener, AdminError> {
+    crate::proxy::bind(cfg.listen).map_err(|source| AdminError::Bind {
         addr: cfg.listen,
         source,
-    })?;
+    })
+}
+
+/// Serves the admin API for `balancer` on `listener` (from [`bind`]) on the current tokio
+/// runtime until the returned [`AdminServer`] is dropped.
+pub fn spawn(listener: TcpListener, balancer: Arc<Balancer>, cfg: &AdminConfig) -> AdminServer {
     let local_addr = listener.local_addr().unwrap_or(cfg.listen);
     let stop = CancellationToken::new();
     let api = Arc::new(Api {
@@ -97,7 +102,7 @@ pub fn spawn(balancer: Arc<Balancer>, cfg: &AdminConfig) -> Result<AdminServer, 
     });
     tracing::info!(listen = %local_addr, token = api.token.is_some(), "admin API listening");
     tokio::spawn(serve(listener, api, stop.clone()));
-    Ok(AdminServer { local_addr, stop })
+    AdminServer { local_addr, stop }
 }
 
 async fn serve(listener: TcpListener, api: Arc<Api>, stop: CancellationToken) {
