@@ -51,6 +51,8 @@ pub struct ReloadStatus {
 struct ServiceEntry {
     service: Arc<Service>,
     local_addr: SocketAddr,
+    /// Shared so a service renamed by a reload can hand its socket to its successor.
+    listener: Arc<TcpListener>,
     stop_accepting: CancellationToken,
     /// Per-backend checker stop tokens, by backend name.
     checkers: HashMap<Arc<str>, CancellationToken>,
@@ -129,16 +131,16 @@ impl Balancer {
         let mut first_round = Vec::new();
         let mut entries = Vec::new();
         for (cfg, listener) in config.services.into_iter().zip(listeners) {
-            let (entry, rounds, listener) = balancer.new_service(cfg, listener, BackendState::Up);
+            let (entry, rounds) = balancer.new_service(cfg, Arc::new(listener), BackendState::Up);
             first_round.extend(rounds);
-            entries.push((entry, listener));
+            entries.push(entry);
         }
         for rx in first_round {
             let _ = rx.await;
         }
         let mut state = balancer.lock();
-        for (entry, listener) in entries {
-            balancer.start_accepting(&entry, listener);
+        for entry in entries {
+            balancer.start_accepting(&entry);
             state.services.push(entry);
         }
         drop(state);
@@ -155,13 +157,9 @@ impl Balancer {
     fn new_service(
         &self,
         cfg: ServiceConfig,
-        listener: TcpListener,
+        listener: Arc<TcpListener>,
         initial: BackendState,
-    ) -> (
-        ServiceEntry,
-        Vec<tokio::sync::oneshot::Receiver<()>>,
-        TcpListener,
-    ) {
+    ) -> (ServiceEntry, Vec<tokio::sync::oneshot::Receiver<()>>) {
         let name: Arc<str> = cfg.name.as_str().into();
         // Parent of every backend's close tokens: cancelled when the drain time runs out.
         let hard_stop = CancellationToken::new();
@@ -195,17 +193,18 @@ impl Balancer {
         let entry = ServiceEntry {
             service,
             local_addr,
+            listener,
             stop_accepting: CancellationToken::new(),
             checkers,
         };
-        (entry, rounds, listener)
+        (entry, rounds)
     }
 
-    fn start_accepting(&self, entry: &ServiceEntry, listener: TcpListener) {
+    fn start_accepting(&self, entry: &ServiceEntry) {
         tracing::info!(service = %entry.service.name, listen = %entry.local_addr, backends = entry.service.backends.members().len(), "listening");
         self.background.spawn(proxy::accept_loop(
             entry.service.clone(),
-            listener,
+            entry.listener.clone(),
             entry.stop_accepting.clone(),
         ));
     }
@@ -288,7 +287,9 @@ impl Balancer {
 
     fn apply_locked(&self, state: &mut State, new: Config) -> Result<String, ServerError> {
         let mut changes: Vec<String> = Vec::new();
-        // 1. Bind what is new before changing anything.
+        // 1. Bind what is new before changing anything. A new service on the address of
+        // one going away (a rename) takes over its listening socket: binding again would
+        // fail, and closing first would refuse connections in between.
         let mut fresh_listeners = HashMap::new();
         for s in &new.services {
             let kept = state
@@ -296,7 +297,16 @@ impl Balancer {
                 .iter()
                 .any(|e| *e.service.name == *s.name && e.service.config().listen == s.listen);
             if !kept {
-                fresh_listeners.insert(s.name.clone(), bind_service(s)?);
+                let inherited = state
+                    .services
+                    .iter()
+                    .find(|e| e.service.config().listen == s.listen)
+                    .map(|e| e.listener.clone());
+                let listener = match inherited {
+                    Some(l) => l,
+                    None => Arc::new(bind_service(s)?),
+                };
+                fresh_listeners.insert(s.name.clone(), listener);
             }
         }
         // 2. Services gone (or moved to another address): stop accepting, drain.
@@ -324,12 +334,12 @@ impl Balancer {
             } else {
                 let listener = fresh_listeners.remove(&s.name).expect("bound in step 1");
                 // Backends of a new service are checked before it accepts anyone.
-                let (entry, rounds, listener) =
-                    self.new_service(s.clone(), listener, BackendState::Down);
+                let (entry, rounds) = self.new_service(s.clone(), listener, BackendState::Down);
                 changes.push(format!("service {} added on {}", s.name, entry.local_addr));
                 let service = entry.service.clone();
                 let stop = entry.stop_accepting.clone();
                 let local_addr = entry.local_addr;
+                let listener = entry.listener.clone();
                 self.background.spawn(async move {
                     for rx in rounds {
                         let _ = rx.await;

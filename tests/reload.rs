@@ -290,3 +290,48 @@ fn services_come_and_go_and_removed_backends_close_after_drain_timeout() {
     assert!(echo_ok(l2));
     lb.wait_for_line(&["service one removed"], Duration::from_secs(1));
 }
+
+#[test]
+fn renaming_a_service_keeps_its_listener_open() {
+    let a = TcpServer::echo();
+    let listen = free_addr();
+    let svc = |name: &str| {
+        format!(
+            "[[service]]\nname = \"{name}\"\nlisten = \"{listen}\"\n[service.health]\ncheck = \"tcp\"\ninterval = \"200ms\"\n[[service.backend]]\nname = \"a\"\naddr = \"{}\"\n",
+            a.addr
+        )
+    };
+    let (_dir, path) = write_config(&svc("one"));
+    let lb = start_lb(&path);
+    assert!(echo_ok(listen));
+    // Connections keep coming while the service is renamed; none may be refused.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(0usize));
+    let prober = {
+        let (stop, failures) = (stop.clone(), failures.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                if !echo_ok(listen) {
+                    *failures.lock().unwrap() += 1;
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            n
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    write_atomically(&path, &svc("uno"));
+    lb.wait_for_line(&["service uno added"], Duration::from_secs(3));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let probes = prober.join().unwrap();
+    assert!(probes > 20, "only {probes} probes");
+    assert_eq!(
+        *failures.lock().unwrap(),
+        0,
+        "connections failed during the rename"
+    );
+    assert_eq!(lb.count_lines(&["reload failed"]), 0);
+}

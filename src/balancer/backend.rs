@@ -160,11 +160,6 @@ impl Backend {
         }
     }
 
-    /// Same as [`Backend::health`] (kept for readability at call sites about health).
-    pub fn state(&self) -> BackendState {
-        self.health()
-    }
-
     pub fn admin(&self) -> AdminState {
         AdminState::from_u8(self.admin.load(Ordering::Acquire))
     }

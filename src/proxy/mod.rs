@@ -136,7 +136,11 @@ impl Service {
 /// Accepts until `stop` is cancelled. Never dies on an accept error and never spins:
 /// resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off exponentially up to 1 s
 /// while the kernel keeps queueing new connections in the backlog.
-pub async fn accept_loop(service: Arc<Service>, listener: TcpListener, stop: CancellationToken) {
+pub async fn accept_loop(
+    service: Arc<Service>,
+    listener: Arc<TcpListener>,
+    stop: CancellationToken,
+) {
     const BACKOFF_MIN: Duration = Duration::from_millis(5);
     const BACKOFF_MAX: Duration = Duration::from_secs(1);
     let mut backoff = BACKOFF_MIN;
