@@ -51,8 +51,9 @@ pub struct ReloadStatus {
 struct ServiceEntry {
     service: Arc<Service>,
     local_addr: SocketAddr,
-    /// Shared so a service renamed by a reload can hand its socket to its successor.
-    listener: Arc<TcpListener>,
+    /// Shared so a service renamed by a reload can hand its socket to its successor;
+    /// taken out at shutdown so the socket closes when the accept loop stops.
+    listener: Option<Arc<TcpListener>>,
     stop_accepting: CancellationToken,
     /// Per-backend checker stop tokens, by backend name.
     checkers: HashMap<Arc<str>, CancellationToken>,
@@ -193,7 +194,7 @@ impl Balancer {
         let entry = ServiceEntry {
             service,
             local_addr,
-            listener,
+            listener: Some(listener),
             stop_accepting: CancellationToken::new(),
             checkers,
         };
@@ -202,11 +203,13 @@ impl Balancer {
 
     fn start_accepting(&self, entry: &ServiceEntry) {
         tracing::info!(service = %entry.service.name, listen = %entry.local_addr, backends = entry.service.backends.members().len(), "listening");
-        self.background.spawn(proxy::accept_loop(
-            entry.service.clone(),
-            entry.listener.clone(),
-            entry.stop_accepting.clone(),
-        ));
+        if let Some(listener) = entry.listener.clone() {
+            self.background.spawn(proxy::accept_loop(
+                entry.service.clone(),
+                listener,
+                entry.stop_accepting.clone(),
+            ));
+        }
     }
 
     /// Health transitions from now on.
@@ -301,7 +304,7 @@ impl Balancer {
                     .services
                     .iter()
                     .find(|e| e.service.config().listen == s.listen)
-                    .map(|e| e.listener.clone());
+                    .and_then(|e| e.listener.clone());
                 let listener = match inherited {
                     Some(l) => l,
                     None => Arc::new(bind_service(s)?),
@@ -339,7 +342,10 @@ impl Balancer {
                 let service = entry.service.clone();
                 let stop = entry.stop_accepting.clone();
                 let local_addr = entry.local_addr;
-                let listener = entry.listener.clone();
+                let listener = entry
+                    .listener
+                    .clone()
+                    .expect("a new service has its listener");
                 self.background.spawn(async move {
                     for rx in rounds {
                         let _ = rx.await;
@@ -506,9 +512,11 @@ impl Balancer {
         // /ready answers 503 from now on, so a load balancer in front stops sending.
         self.ready.store(false, Ordering::Release);
         let services: Vec<Arc<Service>> = {
-            let state = self.lock();
-            for e in &state.services {
+            let mut state = self.lock();
+            for e in &mut state.services {
                 e.stop_accepting.cancel();
+                // The accept loop drops its handle as it stops; this is the other one.
+                e.listener = None;
             }
             state
                 .services

@@ -20,15 +20,8 @@ fn echo_roundtrip(c: &mut TcpStream, msg: &[u8]) {
 
 #[test]
 fn sigterm_stops_accepting_and_drains_open_connections() {
-    let backend = TcpServer::echo();
-    let listen = free_addr();
-    let (_dir, cfg) = write_config(&one_service(
-        listen,
-        &[("b", backend.addr)],
-        "drain_timeout = \"10s\"",
-        "check = \"tcp\"",
-    ));
-    let mut lb = start_lb(&cfg);
+    let mut setup = echo_behind_lb("drain_timeout = \"10s\"");
+    let (lb, listen) = (&mut setup.lb, setup.listen);
     let mut open = TcpStream::connect(listen).unwrap();
     echo_roundtrip(&mut open, b"before");
 
@@ -53,15 +46,8 @@ fn sigterm_stops_accepting_and_drains_open_connections() {
 
 #[test]
 fn drain_timeout_closes_what_is_left_and_exits_zero() {
-    let backend = TcpServer::echo();
-    let listen = free_addr();
-    let (_dir, cfg) = write_config(&one_service(
-        listen,
-        &[("b", backend.addr)],
-        "drain_timeout = \"1s\"",
-        "check = \"tcp\"",
-    ));
-    let mut lb = start_lb(&cfg);
+    let mut setup = echo_behind_lb("drain_timeout = \"1s\"");
+    let (lb, listen) = (&mut setup.lb, setup.listen);
     let mut open = TcpStream::connect(listen).unwrap();
     echo_roundtrip(&mut open, b"hi");
     let t = Instant::now();

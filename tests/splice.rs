@@ -116,15 +116,8 @@ fn large_reply_then_immediate_close_to_slow_reader_loses_nothing() {
 
 #[test]
 fn idle_timeout_frees_both_sides() {
-    let backend = TcpServer::echo();
-    let listen = free_addr();
-    let (_dir, cfg) = write_config(&one_service(
-        listen,
-        &[("b", backend.addr)],
-        "idle_timeout = \"700ms\"",
-        "check = \"tcp\"",
-    ));
-    let lb = start_lb(&cfg);
+    let setup = echo_behind_lb("idle_timeout = \"700ms\"");
+    let (lb, listen, backend) = (&setup.lb, setup.listen, &setup.backend);
 
     let mut c = connect(listen);
     c.write_all(b"ping").unwrap();
@@ -212,15 +205,8 @@ fn keepalive_armed(local: u16, remote: u16) -> (bool, bool) {
 
 #[test]
 fn both_legs_have_keepalive_so_a_vanished_peer_is_found() {
-    let backend = TcpServer::echo();
-    let listen = free_addr();
-    let (_dir, cfg) = write_config(&one_service(
-        listen,
-        &[("b", backend.addr)],
-        "",
-        "check = \"tcp\"",
-    ));
-    let _lb = start_lb(&cfg);
+    let setup = echo_behind_lb("");
+    let (listen, backend) = (setup.listen, &setup.backend);
     let mut c = connect(listen);
     c.write_all(b"ping").unwrap();
     c.read_exact(&mut [0u8; 4]).unwrap();

@@ -406,3 +406,30 @@ pub fn slow_health_echo(delay: Duration) -> TcpServer {
         }
     })
 }
+
+/// `lb run` in front of one echo backend (service `svc`, tcp check); `extra` goes into
+/// `[[service]]`. Everything it started stops when it is dropped.
+pub struct EchoBehindLb {
+    pub lb: Proc,
+    pub listen: SocketAddr,
+    pub backend: TcpServer,
+    _dir: tempdir::TempDir,
+}
+
+pub fn echo_behind_lb(extra: &str) -> EchoBehindLb {
+    let backend = TcpServer::echo();
+    let listen = free_addr();
+    let (dir, cfg) = write_config(&one_service(
+        listen,
+        &[("b", backend.addr)],
+        extra,
+        "check = \"tcp\"",
+    ));
+    let lb = start_lb(&cfg);
+    EchoBehindLb {
+        lb,
+        listen,
+        backend,
+        _dir: dir,
+    }
+}
