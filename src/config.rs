@@ -121,6 +121,8 @@ pub struct ServiceConfig {
     pub drain_timeout: Duration,
     pub on_backend_down: OnBackendDown,
     pub on_removal: OnRemoval,
+    /// Percent of healthy backends below which health is ignored (0: never).
+    pub panic_threshold: u8,
     /// Most client connections held at once; at the limit, accepting pauses (the kernel queues).
     pub max_connections: usize,
     pub health: HealthConfig,
@@ -159,6 +161,7 @@ pub mod defaults {
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
     pub const ON_BACKEND_DOWN: super::OnBackendDown = super::OnBackendDown::Close;
     pub const ON_REMOVAL: super::OnRemoval = super::OnRemoval::Drain;
+    pub const PANIC_THRESHOLD: u8 = 50;
     pub const ADMIN_LISTEN: &str = "127.0.0.1:9900";
     pub const MAX_CONNECTIONS: usize = 100_000;
     pub const CHECK: super::CheckKind = super::CheckKind::Http;
@@ -205,6 +208,7 @@ struct FileService {
     drain_timeout: Option<Spanned<String>>,
     on_backend_down: Option<OnBackendDown>,
     on_removal: Option<OnRemoval>,
+    panic_threshold: Option<Spanned<u8>>,
     max_connections: Option<Spanned<usize>>,
     #[serde(default)]
     health: Option<FileHealth>,
@@ -410,6 +414,17 @@ impl Validator<'_> {
             }
             listens.insert(listen);
             let health = self.health(s.health, &name)?;
+            let panic_threshold = match s.panic_threshold {
+                None => defaults::PANIC_THRESHOLD,
+                Some(p) if *p.get_ref() > 100 => {
+                    return Err(self.err(
+                        Some(p.span()),
+                        k("panic_threshold"),
+                        "is a percentage: 0 to 100",
+                    ));
+                }
+                Some(p) => p.into_inner(),
+            };
             let max_connections = match s.max_connections {
                 None => defaults::MAX_CONNECTIONS,
                 Some(v) if *v.get_ref() == 0 || *v.get_ref() > defaults::MAX_CONNECTIONS_LIMIT => {
@@ -501,6 +516,7 @@ impl Validator<'_> {
                 )?,
                 on_backend_down: s.on_backend_down.unwrap_or(defaults::ON_BACKEND_DOWN),
                 on_removal: s.on_removal.unwrap_or(defaults::ON_REMOVAL),
+                panic_threshold,
                 max_connections,
                 name,
                 listen,

@@ -157,6 +157,7 @@ fn demo_config(args: &DemoArgs, backends: &Backends) -> Config {
             drain_timeout: Duration::from_secs(1),
             on_backend_down: OnBackendDown::Close,
             on_removal: OnRemoval::Drain,
+            panic_threshold: crate::config::defaults::PANIC_THRESHOLD,
             max_connections: 100_000,
             health,
             backends: backends

@@ -172,6 +172,7 @@ impl Balancer {
         let set = Arc::new(BackendSet::new(
             name,
             cfg.balance,
+            cfg.panic_threshold,
             members.clone(),
             self.events.clone(),
         ));
@@ -437,7 +438,7 @@ impl Balancer {
                     new.name
                 ));
             }
-            set.replace(new.balance, members);
+            set.replace(new.balance, new.panic_threshold, members);
             entry.service.set_config(new);
         }
     }

@@ -65,6 +65,11 @@ const CASES: &[(&str, Option<u32>, &[&str])] = &[
         &["idle_timeout", "at most a year"],
     ),
     ("backend_port_zero.toml", Some(7), &["addr", "port 0"]),
+    (
+        "panic_threshold_over_100.toml",
+        Some(4),
+        &["panic_threshold", "0 to 100"],
+    ),
 ];
 
 fn data(name: &str) -> String {

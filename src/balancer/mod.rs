@@ -11,7 +11,7 @@ mod select;
 
 pub use backend::{AdminState, Backend, BackendState, ConnectErrors, LastTransition};
 
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -74,6 +74,9 @@ pub struct BackendSet {
     cursor: AtomicUsize,
     /// Serialises snapshot rebuilds between control-plane writers.
     publish: Mutex<()>,
+    /// Percent of healthy backends below which health is ignored (0: never).
+    panic_threshold: AtomicU8,
+    panic: AtomicBool,
     events: broadcast::Sender<Transition>,
 }
 
@@ -81,6 +84,7 @@ impl BackendSet {
     pub fn new(
         service: Arc<str>,
         policy: Balance,
+        panic_threshold: u8,
         members: Vec<Arc<Backend>>,
         events: broadcast::Sender<Transition>,
     ) -> BackendSet {
@@ -91,6 +95,8 @@ impl BackendSet {
             eligible: ArcSwap::from_pointee(Snapshot::default()),
             cursor: Default::default(),
             publish: Mutex::new(()),
+            panic_threshold: AtomicU8::new(panic_threshold),
+            panic: AtomicBool::new(false),
             events,
         };
         set.republish();
@@ -154,7 +160,8 @@ impl BackendSet {
         }
         backend.record_transition(to.as_str(), reason);
         self.republish();
-        if !up {
+        // In panic mode the backend still takes traffic, so its clients stay too.
+        if !up && !self.in_panic() {
             backend.sever();
         }
         tracing::info!(
@@ -194,25 +201,132 @@ impl BackendSet {
     }
 
     /// Reload: the new member list (kept backends are the same `Arc`s) and policy.
-    pub fn replace(&self, policy: Balance, members: Vec<Arc<Backend>>) {
+    pub fn replace(&self, policy: Balance, panic_threshold: u8, members: Vec<Arc<Backend>>) {
         self.policy.store(policy as u8, Ordering::Relaxed);
+        self.panic_threshold
+            .store(panic_threshold, Ordering::Relaxed);
         self.members.store(Arc::new(members));
         self.republish();
     }
 
     /// Rebuilds the eligible snapshot from the members' current states.
+    ///
+    /// Panic mode (Envoy's panic threshold): when fewer than `panic_threshold` percent of
+    /// the backends that could take traffic are healthy (but at least one is), health is
+    /// ignored and all of them take traffic. Losing most of a service at once is more often the checks
+    /// failing under a reconnect storm than most servers dying together; sending every
+    /// client to the last healthy one would overload it too and cascade. Connects to a
+    /// backend that is really dead are refused and retried elsewhere.
     pub fn republish(&self) {
         let _guard = self.publish.lock().unwrap_or_else(|p| p.into_inner());
-        let entries = self
-            .members
-            .load()
+        let members = self.members.load();
+        let candidates: Vec<&Arc<Backend>> = members
             .iter()
-            .filter(|b| b.eligible())
+            .filter(|b| b.admin() == AdminState::Enabled && !b.is_removed() && b.weight() > 0)
+            .collect();
+        let healthy = candidates
+            .iter()
+            .filter(|b| b.health() == BackendState::Up)
+            .count();
+        let threshold = self.panic_threshold.load(Ordering::Relaxed) as usize;
+        // With none healthy there is no panic: clients are closed at once, as promised.
+        let panic = healthy > 0 && healthy * 100 < threshold * candidates.len();
+        if panic != self.panic.swap(panic, Ordering::Relaxed) {
+            if panic {
+                tracing::warn!(service = %self.service, healthy, candidates = candidates.len(), "panic mode: fewer than {threshold}% of backends healthy; all of them take traffic");
+            } else {
+                tracing::info!(service = %self.service, healthy, "panic mode over");
+            }
+        }
+        let entries = candidates
+            .into_iter()
+            .filter(|b| panic || b.health() == BackendState::Up)
             .map(|b| Entry {
                 backend: b.clone(),
                 weight: b.weight(),
             })
             .collect();
         self.eligible.store(Arc::new(Snapshot::build(entries)));
+    }
+
+    /// True while health is ignored because too few backends are healthy.
+    pub fn in_panic(&self) -> bool {
+        self.panic.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendConfig;
+    use tokio_util::sync::CancellationToken;
+
+    fn set_of(n: usize, panic_threshold: u8) -> BackendSet {
+        let parent = CancellationToken::new();
+        let members = (0..n)
+            .map(|i| {
+                Arc::new(Backend::new(
+                    "svc".into(),
+                    &BackendConfig {
+                        name: format!("b{i}"),
+                        addr: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
+                        weight: 1,
+                    },
+                    BackendState::Up,
+                    &parent,
+                ))
+            })
+            .collect();
+        let (events, _) = broadcast::channel(16);
+        BackendSet::new(
+            "svc".into(),
+            Balance::RoundRobin,
+            panic_threshold,
+            members,
+            events,
+        )
+    }
+
+    #[test]
+    fn panic_mode_ignores_health_below_threshold_but_not_at_zero() {
+        let set = set_of(3, 50);
+        let m = set.members();
+        let b1_down = m[1].down_token();
+        set.set_health(&m[1], false, "test");
+        assert_eq!(set.eligible().len(), 2);
+        assert!(!set.in_panic());
+        assert!(
+            b1_down.is_cancelled(),
+            "outside panic mode its connections are closed"
+        );
+        let b2_down = m[2].down_token();
+        set.set_health(&m[2], false, "test");
+        assert!(set.in_panic(), "1 of 3 healthy is under 50%");
+        assert_eq!(
+            set.eligible().len(),
+            3,
+            "in panic every backend takes traffic"
+        );
+        assert!(!b2_down.is_cancelled(), "in panic its clients stay");
+        set.set_health(&m[0], false, "test");
+        assert!(
+            !set.in_panic(),
+            "none healthy: no panic, clients are refused"
+        );
+        assert_eq!(set.eligible().len(), 0);
+        set.set_health(&m[1], true, "test");
+        set.set_health(&m[2], true, "test");
+        assert!(!set.in_panic());
+        assert_eq!(set.eligible().len(), 2);
+    }
+
+    #[test]
+    fn panic_threshold_zero_never_panics() {
+        let set = set_of(3, 0);
+        let m = set.members();
+        set.set_health(&m[1], false, "test");
+        set.set_health(&m[2], false, "test");
+        assert!(!set.in_panic());
+        assert_eq!(set.eligible().len(), 1);
     }
 }

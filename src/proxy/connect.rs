@@ -1,5 +1,5 @@
-//! Connect to a backend with a timeout, retrying on other healthy backends. Failed
-//! connects feed the passive health check: `fall` in a row marks a backend down at once.
+//! Connect to a backend with a timeout, retrying on other healthy backends. Refused
+//! connects feed the passive health check: `fall` in a row mark a backend down at once.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -87,6 +87,12 @@ fn note_failure(backend: &Backend, cfg: &ServiceConfig, e: &std::io::Error) {
         _ => &backend.connect_errors.other,
     };
     by_kind.fetch_add(1, Ordering::Relaxed);
+    // Only a refusal is proof that nothing listens. A timeout may just be a backend whose
+    // accept queue overflowed in a reconnect storm: counting those would mark the
+    // survivors of a crash down one after another, just when they are needed most.
+    if e.kind() != std::io::ErrorKind::ConnectionRefused {
+        return;
+    }
     let n = backend.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
     tracing::debug!(backend = %backend.name, consecutive = n, "connect failed: {e}");
     if n >= cfg.health.fall {

@@ -140,9 +140,16 @@ struct Shared {
 
 /// Entry point of `lb backend`.
 pub async fn main(args: BackendArgs) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(&args.listen)
+    // Resolved like `TcpListener::bind` would, but bound through lb's own listener
+    // setup: its backlog of 65535 (capped by somaxconn) rather than tokio's 1024 is what
+    // lets a survivor absorb a reconnect storm without dropping SYNs.
+    let addr = tokio::net::lookup_host(&args.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+        .with_context(|| format!("cannot resolve {}", args.listen))?
+        .next()
+        .with_context(|| format!("{} resolves to no address", args.listen))?;
+    let listener =
+        crate::proxy::bind(addr).with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     {
         // Tests and scripts parse this exact line to learn the bound port.
