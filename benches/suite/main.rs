@@ -182,7 +182,9 @@ fn main() {
         }
     };
     procs::install_cleanup();
+    procs::remove_stale_dirs();
     let started = Instant::now();
+    let date = utc_now();
     let env = Env::detect(wanted);
     let mode = if opts.quick { "quick" } else { "full" };
     let command = format!(
@@ -264,7 +266,9 @@ fn main() {
     println!("{body}");
     println!("finished in {:.0} s", elapsed);
 
-    let md = markdown(&opts, &env, &versions, &command, &runs_text, &body, elapsed);
+    let md = markdown(
+        &date, &opts, &env, &versions, &command, &runs_text, &body, elapsed,
+    );
     let out = opts.out.clone().unwrap_or_else(|| {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         if opts.quick && opts.only.len() == SCENARIOS.len() {
@@ -281,7 +285,9 @@ fn main() {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn markdown(
+    date: &str,
     opts: &Opts,
     env: &Env,
     versions: &[(String, String)],
@@ -306,7 +312,7 @@ fn markdown(
             String::new()
         }
     );
-    let _ = writeln!(s, "- date: {}", utc_now());
+    let _ = writeln!(s, "- date: {date} (start)");
     for (k, v) in machine() {
         let _ = writeln!(s, "- {k}: {v}");
     }
@@ -353,6 +359,21 @@ fn markdown(
             a,
             b,
             env.workers
+        )
+    );
+    let _ = writeln!(
+        s,
+        "The storm's lb (`lb run -c lb.toml`, `LB_LOG=info`; backends: `lb backend --listen 127.0.0.1:0 --id sN`; \
+         users: `lb client --url ws://LB/ws --users N --json --duration 300s --user-prefix cK-`, started one process \
+         at a time, each once the users so far are steady on the backends for 2 s):\n\n```toml\n{}```",
+        storm::lb_config(
+            a,
+            "127.0.0.1:8001".parse().unwrap(),
+            &[
+                ("s1".into(), "127.0.0.1:9001".parse().unwrap()),
+                ("s2".into(), "127.0.0.1:9002".parse().unwrap()),
+                ("s3".into(), "127.0.0.1:9003".parse().unwrap()),
+            ]
         )
     );
     s

@@ -30,7 +30,12 @@ impl Peer {
 
 /// What is installed, found once at start.
 pub struct Env {
+    /// A copy of the `lb` that cargo built, taken at start: a rebuild of target/release/lb
+    /// during the run (others work in the same tree) cannot mix two versions in one table.
     pub lb: PathBuf,
+    /// git revision of the tree the copy was taken from.
+    pub lb_rev: Option<String>,
+    _bin_dir: TempDir,
     pub haproxy: Result<PathBuf, String>,
     /// The nginx binary and the stream module to load (None: assume it is built in).
     pub nginx: Result<(PathBuf, Option<PathBuf>), String>,
@@ -63,11 +68,29 @@ impl Env {
                 }
             }
         };
+        let bin_dir = TempDir::new("bin");
+        let built = PathBuf::from(env!("CARGO_BIN_EXE_lb"));
+        let lb_rev = git_rev();
+        let copy = bin_dir.path().join("lb");
+        let lb = match std::fs::copy(&built, &copy) {
+            Ok(_) => copy,
+            Err(e) => {
+                eprintln!(
+                    "suite: cannot copy {}: {e}; using it in place",
+                    built.display()
+                );
+                built
+            }
+        };
         Env {
-            lb: PathBuf::from(env!("CARGO_BIN_EXE_lb")),
+            lb,
+            lb_rev,
+            _bin_dir: bin_dir,
             haproxy,
             nginx,
-            iperf3: procs::which("iperf3"),
+            // LB_SUITE_NO_IPERF3=1: use the suite's own generator even where iperf3 is installed.
+            iperf3: procs::which("iperf3")
+                .filter(|_| std::env::var_os("LB_SUITE_NO_IPERF3").is_none()),
             wanted,
             workers: 2,
         }
@@ -95,7 +118,7 @@ impl Env {
     /// One line per peer: its version, or why it is missing.
     pub fn versions(&self) -> Vec<(String, String)> {
         let mut v = vec![];
-        let git = git_rev();
+        let git = self.lb_rev.clone();
         v.push((
             "lb".to_string(),
             format!(
@@ -128,7 +151,10 @@ impl Env {
             "iperf3".into(),
             match &self.iperf3 {
                 Some(b) => first_line(&version_of(b, &["--version"])),
-                None => "not installed: bulk uses the suite's own generator".into(),
+                None => {
+                    "not installed (or LB_SUITE_NO_IPERF3 set): bulk uses the suite's own generator"
+                        .into()
+                }
             },
         ));
         v.push((
@@ -214,7 +240,7 @@ pub fn lb_config(listen: SocketAddr, backend: SocketAddr) -> String {
 
 pub fn haproxy_config(listen: SocketAddr, backend: SocketAddr, threads: usize) -> String {
     format!(
-        "global\n  nbthread {threads}\n  maxconn 9400\n  maxpipes 500\n\n\
+        "global\n  nbthread {threads}\n  # 2 fds per connection + 2 per splice pipe must fit the 20,000-fd limit\n  maxconn 9400\n  maxpipes 500\n\n\
          defaults\n  mode tcp\n  maxconn 9400\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n  option splice-auto\n\n\
          listen bench\n  bind {listen}\n  server b {backend}\n"
     )
@@ -269,8 +295,10 @@ pub fn start(env: &Env, peer: Peer, backend: SocketAddr) -> Result<Proxy, String
                 nginx_config(dir.path(), module.as_deref(), listen, backend, env.workers),
             )
             .map_err(|e| e.to_string())?;
-            cmd = Command::new(bin);
-            cmd.arg("-p")
+            // Under a guard: nginx's workers get no parent-death signal of their own.
+            cmd = crate::roles::spawn_cmd("guard");
+            cmd.arg(bin)
+                .arg("-p")
                 .arg(dir.path())
                 .arg("-e")
                 .arg(dir.path().join("error.log"))
@@ -284,7 +312,7 @@ pub fn start(env: &Env, peer: Peer, backend: SocketAddr) -> Result<Proxy, String
     if peer == Peer::Nginx {
         // The master binds before forking its workers; wait until they are there.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while procs::group_members(proc.pid()).len() < 1 + env.workers
+        while procs::group_members(proc.pid()).len() < 2 + env.workers
             && std::time::Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(20));

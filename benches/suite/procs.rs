@@ -99,7 +99,8 @@ impl Proc {
         lock(&GROUPS).push(child.id() as i32);
         let out = Arc::new(Mutex::new(Vec::new()));
         let err = Arc::new(Mutex::new(Vec::new()));
-        let streams: [(Box<dyn Read + Send>, &Arc<Mutex<Vec<String>>>); 2] = [
+        type Lines = Arc<Mutex<Vec<String>>>;
+        let streams: [(Box<dyn Read + Send>, &Lines); 2] = [
             (Box::new(child.stdout.take().unwrap()), &out),
             (Box::new(child.stderr.take().unwrap()), &err),
         ];
@@ -222,6 +223,27 @@ impl Drop for Proc {
         }
         let _ = self.child.wait();
         lock(&GROUPS).retain(|g| *g != pgid);
+    }
+}
+
+/// Removes the temp dirs of earlier suites that were killed outright (SIGKILL leaves no
+/// chance to clean up): `lb-suite-PID-*` whose PID no longer runs.
+pub fn remove_stale_dirs() {
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix("lb-suite-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 

@@ -86,6 +86,9 @@ impl Cell {
 pub enum Status {
     Met,
     NotMet,
+    /// Not met on the medians, but the runs' [min–max] ranges of lb and the peer overlap:
+    /// a difference this run cannot tell from noise.
+    NotMetWithinSpread,
     Na(String),
 }
 
@@ -97,6 +100,7 @@ impl Status {
         match self {
             Status::Met => "met".into(),
             Status::NotMet => "**not met**".into(),
+            Status::NotMetWithinSpread => "**not met** (ranges overlap)".into(),
             Status::Na(why) => format!("n/a ({why})"),
         }
     }
@@ -104,6 +108,9 @@ impl Status {
     pub fn and(self, other: Status) -> Status {
         match (self, other) {
             (Status::NotMet, _) | (_, Status::NotMet) => Status::NotMet,
+            (Status::NotMetWithinSpread, _) | (_, Status::NotMetWithinSpread) => {
+                Status::NotMetWithinSpread
+            }
             (Status::Na(a), _) => Status::Na(a),
             (_, Status::Na(b)) => Status::Na(b),
             _ => Status::Met,
@@ -137,6 +144,12 @@ impl Row {
     }
     pub fn med(&self, p: Peer) -> Option<f64> {
         self.peers.get(&p).and_then(Cell::med)
+    }
+    pub fn range(&self, p: Peer) -> Option<(f64, f64)> {
+        match self.peers.get(&p)? {
+            Cell::Val(s) => Some((s.min, s.max)),
+            Cell::Skip(_) => None,
+        }
     }
 }
 
@@ -191,9 +204,9 @@ pub fn markdown_table(headers: &[String], rows: &[Vec<String>]) -> String {
     }
     let line = |r: &[String]| {
         let mut s = String::from("|");
-        for i in 0..cols {
+        for (i, wi) in w.iter().enumerate() {
             let c = r.get(i).map(String::as_str).unwrap_or("");
-            let pad = w[i] - c.chars().count();
+            let pad = wi - c.chars().count();
             let _ = write!(s, " {c}{} |", " ".repeat(pad));
         }
         s.push('\n');
@@ -255,7 +268,22 @@ impl Report {
             s.push_str(&markdown_table(&t.headers, &t.rows));
         }
         if !self.verdicts.is_empty() {
-            s.push_str("\nTargets (judged on the medians of this run):\n\n");
+            let met = self
+                .verdicts
+                .iter()
+                .filter(|v| matches!(v.status, Status::Met))
+                .count();
+            let na = self
+                .verdicts
+                .iter()
+                .filter(|v| matches!(v.status, Status::Na(_)))
+                .count();
+            let _ = write!(
+                s,
+                "\nTargets (judged on the medians of this run): {met} of {} met, {} not met, {na} not measured.\n\n",
+                self.verdicts.len() - na,
+                self.verdicts.len() - na - met
+            );
             let rows: Vec<Vec<String>> = self
                 .verdicts
                 .iter()

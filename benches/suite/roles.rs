@@ -7,6 +7,10 @@
 //! - `sink`: reads and discards (bulk throughput without iperf3).
 //!
 //! Each binds 127.0.0.1:0, prints `listening on ADDR` and serves until killed.
+//!
+//! - `guard CMD ARGS...`: runs CMD in its own process group (the guard's) and kills the
+//!   whole group when the suite dies, even by SIGKILL (parent-death signal), so that the
+//!   workers a master forks (nginx) cannot outlive the suite.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -33,6 +37,9 @@ pub fn parse_listening(line: &str) -> Option<SocketAddr> {
 }
 
 pub fn run(role: &str) {
+    if role == "guard" {
+        guard();
+    }
     let rt = match role {
         "hold" => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -115,4 +122,35 @@ async fn sink(mut s: TcpStream) {
             return;
         }
     }
+}
+
+extern "C" fn kill_group(_: libc::c_int) {
+    // SAFETY: async-signal-safe calls only: the whole group (this guard included) goes.
+    unsafe {
+        libc::kill(0, libc::SIGCONT);
+        libc::kill(0, libc::SIGKILL);
+        libc::_exit(1);
+    }
+}
+
+fn guard() -> ! {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    // SAFETY: installing a plain signal handler, then asking for SIGTERM on parent death.
+    unsafe {
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::signal(s, kill_group as *const () as libc::sighandler_t);
+        }
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+        if libc::getppid() == 1 {
+            kill_group(0);
+        }
+    }
+    let Some((cmd, rest)) = args.split_first() else {
+        std::process::exit(2);
+    };
+    let status = std::process::Command::new(cmd)
+        .args(rest)
+        .env_remove(ROLE_ENV)
+        .status();
+    std::process::exit(status.ok().and_then(|s| s.code()).unwrap_or(1));
 }

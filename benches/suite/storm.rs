@@ -1,4 +1,4 @@
-//! 5. Reconnect storm (lb only): WebSocket users (`lb client`, several processes) on three
+//! Scenario 5, the reconnect storm (lb only): WebSocket users (`lb client`, several processes) on three
 //! `lb backend`s through lb; the busiest backend is SIGKILLed (or SIGSTOPped) and the
 //! suite measures how long until every displaced user is back, how many never come back,
 //! lb's peak CPU and memory, and the highest rate of new sessions a survivor saw.
@@ -20,6 +20,10 @@ const INTERVAL_S: f64 = 1.0;
 const FALL: f64 = 2.0;
 const TIMEOUT_S: f64 = 0.5;
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// How long after the fault users may take to come back (then the rest count as lost).
+const WATCH_S: f64 = 20.0;
+const CPU_WINDOW_S: f64 = 0.5;
+const RATE_WINDOW_S: f64 = 0.1;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Fault {
@@ -65,11 +69,54 @@ struct Run {
     peak_cpu_pct: f64,
     peak_rss_mib: f64,
     peak_new_per_s: f64,
+    /// lb health transitions to down during the ramp-up, before the fault.
+    flaps_before: usize,
+    /// lb health transitions of surviving backends to down after the fault.
+    survivor_downs: usize,
+    /// Failed connects by lb to the survivors after the fault (admin API).
+    survivor_connect_errors: Option<f64>,
+    rate_source: &'static str,
 }
 
-fn lb_config(listen: SocketAddr, backends: &[(String, SocketAddr)]) -> String {
+/// Waits until the backends hold `expected` users for 2 s in a row (at most 30 s);
+/// returns the users per backend.
+fn wait_steady(
+    backends: &[(String, SocketAddr, Proc)],
+    expected: usize,
+) -> Result<Vec<usize>, String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut since: Option<Instant> = None;
+    loop {
+        let c: Vec<usize> = backends
+            .iter()
+            .map(|b| users_on(b.1).unwrap_or(0))
+            .collect();
+        let sum: usize = c.iter().sum();
+        if sum == expected {
+            let s = *since.get_or_insert_with(Instant::now);
+            if s.elapsed() >= Duration::from_secs(2) {
+                return Ok(c);
+            }
+        } else {
+            since = None;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "users on the backends {c:?} = {sum}, not a steady {expected} within 30 s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+pub fn lb_config(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    backends: &[(String, SocketAddr)],
+) -> String {
     let mut s = format!(
-        "[[service]]\nname = \"storm\"\nlisten = \"{listen}\"\non_backend_down = \"close\"\n\n\
+        "[admin]\nlisten = \"{admin}\"\n\n\
+         [[service]]\nname = \"storm\"\nlisten = \"{listen}\"\non_backend_down = \"close\"\n\n\
          [service.health]\ncheck = \"http\"\ninterval = \"1s\"\nfall = 2\ntimeout = \"500ms\"\n"
     );
     for (name, addr) in backends {
@@ -78,6 +125,30 @@ fn lb_config(listen: SocketAddr, backends: &[(String, SocketAddr)]) -> String {
         ));
     }
     s
+}
+
+type AdminView = HashMap<String, (u64, u64)>;
+
+/// Per backend (by name): connections proxied ever (`total`) and failed connects by real
+/// traffic, from lb's admin API (`GET /backends`); None if it does not answer.
+fn admin_backends(admin: SocketAddr) -> Option<AdminView> {
+    let body = http_get(admin, "/backends", Duration::from_millis(800)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let mut m = HashMap::new();
+    for svc in v["services"].as_array()? {
+        for b in svc["backends"].as_array()? {
+            let e = &b["connect_errors"];
+            let errs = ["refused", "timeout", "other"]
+                .iter()
+                .map(|k| e[*k].as_u64().unwrap_or(0))
+                .sum();
+            m.insert(
+                b["name"].as_str()?.to_string(),
+                (b["total"].as_u64()?, errs),
+            );
+        }
+    }
+    Some(m)
 }
 
 /// Users online on a backend (its presence map), or None if it did not answer.
@@ -132,7 +203,8 @@ fn run_once(
     let cfg = dir.path().join("lb.toml");
     let named: Vec<(String, SocketAddr)> =
         backends.iter().map(|(n, a, _)| (n.clone(), *a)).collect();
-    std::fs::write(&cfg, lb_config(listen, &named)).map_err(|e| e.to_string())?;
+    let admin = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
+    std::fs::write(&cfg, lb_config(listen, admin, &named)).map_err(|e| e.to_string())?;
     let mut cmd = Command::new(&env.lb);
     cmd.args(["run", "--no-watch", "-c"])
         .arg(&cfg)
@@ -159,35 +231,22 @@ fn run_once(
             &format!("c{}-", c + 1),
         ])
         .env("LB_LOG", "info");
-        fleet.push(Proc::spawn(&format!("client{}", c + 1), cmd).map_err(|e| e.to_string())?);
-    }
-    for f in fleet.iter_mut() {
+        let mut f = Proc::spawn(&format!("client{}", c + 1), cmd).map_err(|e| e.to_string())?;
+        // One client process at a time, each once the users so far are steady: a client
+        // ramps its users over 1 s, and thousands of connects in the same second overflow
+        // the backends' accept queues on 2 cores (see the notes).
         f.wait_line(&["users online after"], Duration::from_secs(60))
             .ok_or_else(|| format!("{}: not all users online within 60 s: {}", f.name, f.tail()))?;
+        fleet.push(f);
+        wait_steady(&backends, (c + 1) * per_client)
+            .map_err(|e| format!("ramp-up, after client {}: {e}", c + 1))?;
     }
-    let counts = |bs: &[(String, SocketAddr, Proc)]| -> Vec<Option<usize>> {
-        bs.iter().map(|b| users_on(b.1)).collect()
-    };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let before = loop {
-        let c = counts(&backends);
-        if c.iter().map(|x| x.unwrap_or(0)).sum::<usize>() >= total || Instant::now() > deadline {
-            break c;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    std::thread::sleep(Duration::from_millis(1000));
-    let before: Vec<usize> = counts(&backends)
-        .into_iter()
-        .zip(before)
-        .map(|(a, b)| a.or(b).unwrap_or(0))
-        .collect();
-    let online: usize = before.iter().sum();
-    if online < total {
-        return Err(format!(
-            "only {online}/{total} users on the backends before the fault"
-        ));
-    }
+    let before = wait_steady(&backends, total).map_err(|e| format!("before the fault: {e}"))?;
+    let flaps_before = lb
+        .stderr()
+        .iter()
+        .filter(|l| l.contains(" is down "))
+        .count();
     let victim = (0..3).max_by_key(|i| before[*i]).unwrap();
     let victim_id = backends[victim].0.clone();
     let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
@@ -202,24 +261,34 @@ fn run_once(
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
+    let admin_before = admin_backends(admin);
     let t0 = Instant::now();
     backends[victim].2.signal(fault.signal());
 
     // Sample lb and the survivors every 100 ms until every user is back (+1 s), or 20 s.
-    let mut samples: Vec<(f64, f64, Option<u64>, Vec<Option<usize>>)> = vec![];
+    // lb: (t, CPU s, RSS KiB); each survivor: (t when its answer came, users).
+    let mut lb_samples: Vec<(f64, f64, Option<u64>)> = vec![];
+    let mut surv_samples: Vec<Vec<(f64, usize)>> = vec![vec![]; survivors.len()];
+    let mut admin_samples: Vec<(f64, AdminView)> = vec![];
     let mut all_back_at = None;
     let mut next = t0;
     loop {
         let t = t0.elapsed().as_secs_f64();
-        let cpu = procs::cpu_secs(lb_pid);
-        let rss = procs::rss_kib(lb_pid);
-        let c: Vec<Option<usize>> = survivors.iter().map(|i| users_on(backends[*i].1)).collect();
-        let sum: usize = c.iter().map(|x| x.unwrap_or(0)).sum();
-        samples.push((t, cpu, rss, c));
+        lb_samples.push((t, procs::cpu_secs(lb_pid), procs::rss_kib(lb_pid)));
+        let mut sum = 0;
+        for (k, i) in survivors.iter().enumerate() {
+            if let Some(n) = users_on(backends[*i].1) {
+                surv_samples[k].push((t0.elapsed().as_secs_f64(), n));
+                sum += n;
+            }
+        }
+        if let Some(m) = admin_backends(admin) {
+            admin_samples.push((t0.elapsed().as_secs_f64(), m));
+        }
         if sum >= total && all_back_at.is_none() {
             all_back_at = Some(t);
         }
-        if all_back_at.is_some_and(|a| t > a + 1.0) || t > 20.0 {
+        if all_back_at.is_some_and(|a| t > a + 1.0) || t > WATCH_S {
             break;
         }
         next += SAMPLE_EVERY;
@@ -235,6 +304,7 @@ fn run_once(
     }
     let mut run = Run {
         displaced: before[victim],
+        flaps_before,
         ..Run::default()
     };
     let (mut p50s, mut p99s, mut maxs) = (vec![], vec![], vec![]);
@@ -302,25 +372,73 @@ fn run_once(
     run.detect_ms = lb
         .stderr()
         .iter()
-        .find(|l| l.contains(&format!("backend {victim_id} is down")))
-        .and_then(|l| line_ts(l))
+        .filter(|l| l.contains(&format!("backend {victim_id} is down")))
+        .filter_map(|l| line_ts(l))
+        .find(|t| *t >= t0_wall)
         .map(|t| (t - t0_wall) * 1000.0);
-
-    // lb's peak CPU (100 ms windows), peak RSS, and the survivors' peak session rate.
-    for w in samples.windows(2) {
-        let (a, b) = (&w[0], &w[1]);
-        let dt = b.0 - a.0;
-        if dt <= 0.0 {
+    // Health transitions after the fault: a survivor marked down means a cascade.
+    let mut shown = 0;
+    for l in lb.stderr() {
+        let Some(t) = line_ts(&l).filter(|t| *t >= t0_wall) else {
             continue;
-        }
-        run.peak_cpu_pct = run.peak_cpu_pct.max((b.1 - a.1) / dt * 100.0);
-        for (x, y) in a.3.iter().zip(&b.3) {
-            if let (Some(x), Some(y)) = (x, y) {
-                run.peak_new_per_s = run.peak_new_per_s.max((*y as f64 - *x as f64) / dt);
+        };
+        if l.contains(" is down ") || l.contains(" is up ") {
+            if l.contains(" is down ") && !l.contains(&format!("backend {victim_id} is down")) {
+                run.survivor_downs += 1;
+            }
+            if shown < 12 {
+                let msg = l.split_once(" INFO ").map_or(l.as_str(), |x| x.1);
+                eprintln!("    +{:>6.0} ms  lb: {msg}", (t - t0_wall) * 1000.0);
+                shown += 1;
             }
         }
     }
-    let sampled_peak = samples.iter().filter_map(|s| s.2).max().unwrap_or(0);
+
+    // lb's peak CPU and the survivors' peak session rate, over the shortest windows of at
+    // least CPU_WINDOW_S / RATE_WINDOW_S between samples.
+    let peak = |series: &[(f64, f64)], min_dt: f64| -> f64 {
+        let mut best: f64 = 0.0;
+        for (i, a) in series.iter().enumerate() {
+            if let Some(b) = series[i + 1..].iter().find(|b| b.0 - a.0 >= min_dt) {
+                best = best.max((b.1 - a.1) / (b.0 - a.0));
+            }
+        }
+        best
+    };
+    let cpu: Vec<(f64, f64)> = lb_samples.iter().map(|s| (s.0, s.1)).collect();
+    run.peak_cpu_pct = peak(&cpu, CPU_WINDOW_S) * 100.0;
+    // New connections per survivor: lb's own per-backend totals when the admin API
+    // answers; else the growth of the survivors' presence maps.
+    run.rate_source = if admin_samples.len() >= 2 {
+        "lb admin API: per-backend total"
+    } else {
+        "survivors' GET /users growth"
+    };
+    for (k, i) in survivors.iter().enumerate() {
+        let v: Vec<(f64, f64)> = if admin_samples.len() >= 2 {
+            let name = &backends[*i].0;
+            admin_samples
+                .iter()
+                .filter_map(|(t, m)| Some((*t, m.get(name)?.0 as f64)))
+                .collect()
+        } else {
+            surv_samples[k].iter().map(|s| (s.0, s.1 as f64)).collect()
+        };
+        run.peak_new_per_s = run.peak_new_per_s.max(peak(&v, RATE_WINDOW_S));
+    }
+    if let (Some(b), Some((_, a))) = (&admin_before, admin_samples.last()) {
+        let errs = survivors
+            .iter()
+            .map(|i| {
+                let n = &backends[*i].0;
+                a.get(n)
+                    .map_or(0, |x| x.1)
+                    .saturating_sub(b.get(n).map_or(0, |x| x.1))
+            })
+            .sum::<u64>();
+        run.survivor_connect_errors = Some(errs as f64);
+    }
+    let sampled_peak = lb_samples.iter().filter_map(|s| s.2).max().unwrap_or(0);
     run.peak_rss_mib = hwm.unwrap_or(sampled_peak).max(sampled_peak) as f64 / 1024.0;
     eprintln!(
         "  storm {verbose_tag}: {} displaced, back p50 {:?} p99 {:?} max {:?} ms after the fault, {} lost; lb down after {:?} ms",
@@ -364,6 +482,21 @@ pub fn storm(env: &Env, opts: &Opts, rep: &mut Report) -> Result<(), String> {
     };
     type Metric<'a> = (&'a str, Box<dyn Fn(&Run) -> Option<f64>>, usize);
     let metrics: Vec<Metric> = vec![
+        (
+            "lb marked a backend down during the ramp-up (before the fault)",
+            Box::new(|r: &Run| Some(r.flaps_before as f64)),
+            0,
+        ),
+        (
+            "lb marked a surviving backend down after the fault",
+            Box::new(|r: &Run| Some(r.survivor_downs as f64)),
+            0,
+        ),
+        (
+            "lb's failed connects to survivors after the fault",
+            Box::new(|r: &Run| r.survivor_connect_errors),
+            0,
+        ),
         (
             "users displaced (on the faulted backend)",
             Box::new(|r: &Run| Some(r.displaced as f64)),
@@ -410,7 +543,7 @@ pub fn storm(env: &Env, opts: &Opts, rep: &mut Report) -> Result<(), String> {
             0,
         ),
         (
-            "lb peak CPU, % of one core (100 ms windows)",
+            "lb peak CPU, % of one core (500 ms windows)",
             Box::new(|r: &Run| Some(r.peak_cpu_pct)),
             0,
         ),
@@ -420,7 +553,7 @@ pub fn storm(env: &Env, opts: &Opts, rep: &mut Report) -> Result<(), String> {
             1,
         ),
         (
-            "peak new sessions/s on a surviving backend (100 ms windows)",
+            "peak new connections/s to a surviving backend (100 ms windows)",
             Box::new(|r: &Run| Some(r.peak_new_per_s)),
             0,
         ),
@@ -492,15 +625,26 @@ pub fn storm(env: &Env, opts: &Opts, rep: &mut Report) -> Result<(), String> {
         headers: vec!["metric".into(), "SIGKILL".into(), "SIGSTOP".into()],
         rows,
     });
+    let mut sources: Vec<&str> = results.values().flatten().map(|r| r.rate_source).collect();
+    sources.sort();
+    sources.dedup();
+    if !sources.is_empty() {
+        rep.notes.push(format!(
+            "Storm: new connections/s measured from: {}.",
+            sources.join("; ")
+        ));
+    }
     rep.notes.push(
         "Storm: \"back online, ms after the fault\" is per displaced user, from the fault to its welcome on a live backend, \
          taken from the clients' timestamped log lines (`offline (was on sN)`, `back online on sM`), over all client \
          processes; the clients' own reconnect_ms (JSON summary) counts from when the client noticed, so it leaves out the \
-         detection time of a hang. Users lost: the clients' users_never_back at the end, or a displaced user with no \
-         back-online line. lb CPU: utime+stime from /proc/PID/stat sampled every 100 ms (10 ms tick resolution); RSS: VmHWM. \
-         New sessions/s: lb has no admin API with per-backend totals yet, so the growth of each survivor's presence map \
-         (`GET /users`, sampled every 100 ms) is used: WebSocket sessions welcomed per second, net of sessions closed."
-            .into(),
+         detection time of a hang. Users lost: the clients' users_never_back when they are stopped (1 s after every user is \
+         back, or 20 s after the fault), or a displaced user with no back-online line. lb CPU: utime+stime from \
+         /proc/PID/stat sampled every 100 ms, peak over windows of 500 ms (the counters tick every 10 ms); RSS: VmHWM. \
+         New connections/s to a survivor: lb's admin API (`[admin]` on, `GET /backends` sampled every 100 ms), the \
+         growth of each surviving backend's `total` (connections lb established to it); if the admin API does not \
+         answer, the growth of the survivor's presence map (`GET /users`) instead. Failed connects: the growth of the \
+         survivors' `connect_errors` (refused + timeout + other) from just before the fault to the end.".into(),
     );
     Ok(())
 }
