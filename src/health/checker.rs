@@ -158,9 +158,11 @@ impl CheckLoop {
     }
 
     fn passive_mark_down(&self) {
-        if self.backend.health() == BackendState::Up {
-            let n = self.backend.connect_failures.load(Ordering::Relaxed);
-            let reason = format!("{n} consecutive connect failures (passive)");
+        // A connect that succeeded since the wake-up reset the count: then the refusals
+        // were not consecutive after all, and the backend stays up.
+        let n = self.backend.connect_failures.load(Ordering::Relaxed);
+        if self.backend.health() == BackendState::Up && n >= self.cfg.fall {
+            let reason = format!("{n} consecutive refused connects (passive)");
             self.set.set_health(&self.backend, false, &reason);
         }
     }
