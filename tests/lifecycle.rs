@@ -70,13 +70,7 @@ fn drain_timeout_closes_what_is_left_and_exits_zero() {
 #[test]
 fn full_fd_table_slows_accepting_never_crashes_or_spins() {
     let backend = TcpServer::echo();
-    let listen = free_addr();
-    let (_dir, cfg) = write_config(&one_service(
-        listen,
-        &[("b", backend.addr)],
-        "",
-        "check = \"tcp\"\ninterval = \"1h\"",
-    ));
+    let (listen, _dir, cfg) = tcp_service(backend.addr, "", "interval = \"1h\"");
     // A tiny hard limit that lb cannot raise: room for only a handful of connections.
     let mut cmd = std::process::Command::new(lb_bin());
     cmd.args(["run", "-c", cfg.to_str().unwrap()]);

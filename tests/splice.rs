@@ -34,13 +34,7 @@ fn half_close_with_megabytes_then_reply_after_client_fin() {
         reply.extend(got.iter().rev());
         s.write_all(&reply).unwrap();
     });
-    let listen = free_addr();
-    let (_dir, cfg) = write_config(&one_service(
-        listen,
-        &[("b", backend.addr)],
-        "",
-        "check = \"tcp\"",
-    ));
+    let (listen, _dir, cfg) = tcp_service(backend.addr, "", "");
     let lb = start_lb(&cfg);
 
     let mut c = connect(listen);
@@ -85,13 +79,7 @@ fn large_reply_then_immediate_close_to_slow_reader_loses_nothing() {
         s.write_all(&pattern(LEN)).unwrap();
         // close() at once: everything not yet taken by lb sits in the kernel buffers.
     });
-    let listen = free_addr();
-    let (_dir, cfg) = write_config(&one_service(
-        listen,
-        &[("b", backend.addr)],
-        "",
-        "check = \"tcp\"",
-    ));
+    let (listen, _dir, cfg) = tcp_service(backend.addr, "", "");
     let _lb = start_lb(&cfg);
 
     let mut c = connect(listen);
@@ -155,13 +143,7 @@ fn backend_reset_resets_client_promptly() {
             .set_linger(Some(Duration::ZERO))
             .unwrap();
     });
-    let listen = free_addr();
-    let (_dir, cfg) = write_config(&one_service(
-        listen,
-        &[("b", backend.addr)],
-        "",
-        "check = \"tcp\"",
-    ));
+    let (listen, _dir, cfg) = tcp_service(backend.addr, "", "");
     let lb = start_lb(&cfg);
     let mut c = connect(listen);
     c.write_all(b"hello").unwrap();

@@ -211,13 +211,7 @@ fn socket_activation_serves_connections_queued_before_lb_started() {
 #[test]
 fn socket_activation_matches_unnamed_sockets_by_address() {
     let backend = TcpServer::echo();
-    let listen = free_addr();
-    let (_dir, cfg) = write_config(&one_service(
-        listen,
-        &[("b", backend.addr)],
-        "",
-        "check = \"tcp\"",
-    ));
+    let (listen, _dir, cfg) = tcp_service(backend.addr, "", "");
     // No --fdname: LISTEN_FDNAMES is unset and the socket counts as "unknown".
     let Some(mut lb) = socket_activate(&[listen], None, &cfg) else {
         return;
@@ -374,13 +368,7 @@ fn notify_ready_after_first_round_status_watchdog_and_stopping() {
 #[test]
 fn no_watchdog_pings_for_another_pid_and_nothing_without_notify_socket() {
     let backend = TcpServer::echo();
-    let listen = free_addr();
-    let (_dir, cfg) = write_config(&one_service(
-        listen,
-        &[("b", backend.addr)],
-        "",
-        "check = \"tcp\"",
-    ));
+    let (_listen, _dir, cfg) = tcp_service(backend.addr, "", "");
     let notify = NotifySocket::new();
     let t0 = Instant::now();
     // WATCHDOG_PID names another process (PID 1): the watchdog is not ours to feed.

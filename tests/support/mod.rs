@@ -418,13 +418,7 @@ pub struct EchoBehindLb {
 
 pub fn echo_behind_lb(extra: &str) -> EchoBehindLb {
     let backend = TcpServer::echo();
-    let listen = free_addr();
-    let (dir, cfg) = write_config(&one_service(
-        listen,
-        &[("b", backend.addr)],
-        extra,
-        "check = \"tcp\"",
-    ));
+    let (listen, dir, cfg) = tcp_service(backend.addr, extra, "");
     let lb = start_lb(&cfg);
     EchoBehindLb {
         lb,
@@ -432,4 +426,23 @@ pub fn echo_behind_lb(extra: &str) -> EchoBehindLb {
         backend,
         _dir: dir,
     }
+}
+
+/// A config file with one service `svc` on a free loopback port in front of `backend`,
+/// with a tcp check; `service_extra` goes into `[[service]]`, `health_extra` into
+/// `[service.health]`. Returns the listen address, the directory (keep it alive) and the path.
+pub fn tcp_service(
+    backend: SocketAddr,
+    service_extra: &str,
+    health_extra: &str,
+) -> (SocketAddr, tempdir::TempDir, PathBuf) {
+    let listen = free_addr();
+    let health = format!("check = \"tcp\"\n{health_extra}");
+    let (dir, path) = write_config(&one_service(
+        listen,
+        &[("b", backend)],
+        service_extra,
+        &health,
+    ));
+    (listen, dir, path)
 }
