@@ -185,21 +185,23 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// `METHOD path` over a fresh connection closed by the server after the response;
 /// returns (status code, head, everything after the head).
 async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let text = exchange(addr, request.as_bytes()).await;
+    let code = text[9..12].parse().unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (code, head.to_string(), body.to_string())
+}
+
+/// Writes `request` on a fresh connection and reads until the server closes it.
+async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
+    s.write_all(request).await.unwrap();
     let mut out = Vec::new();
     timeout(WAIT, s.read_to_end(&mut out))
         .await
         .unwrap()
         .unwrap();
-    let text = String::from_utf8_lossy(&out).to_string();
-    let code = text[9..12].parse().unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (code, head.to_string(), body.to_string())
+    String::from_utf8_lossy(&out).to_string()
 }
 
 /// Value of header `name` in a response head, if present.
@@ -253,19 +255,12 @@ async fn head_then_get_on_one_keep_alive_connection() {
     // A monitor that keeps its connection open: if a HEAD answer leaked body bytes,
     // they would be read as the start of the next response.
     let (_b, addr) = support::spawn_backend("s1");
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(
+    let text = exchange(
+        addr,
         b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n\
           GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    timeout(WAIT, s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).to_string();
+    .await;
     let (first, rest) = text.split_once("\r\n\r\n").unwrap();
     assert!(first.starts_with("HTTP/1.1 200"), "{text}");
     assert!(
