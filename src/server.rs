@@ -257,13 +257,18 @@ impl Balancer {
         r.last_attempt_at = Some(SystemTime::now());
     }
 
-    /// Eligible and configured backends over all services.
+    /// Backends taking traffic and healthy, and configured backends, over all services.
     pub fn healthy_count(&self) -> (usize, usize) {
         self.services().iter().fold((0, 0), |(h, t), s| {
-            (
-                h + s.backends.eligible().len(),
-                t + s.backends.members().len(),
-            )
+            // Taking traffic and up: in panic mode the snapshot also holds down backends.
+            let up = s
+                .backends
+                .eligible()
+                .entries
+                .iter()
+                .filter(|e| e.backend.health() == BackendState::Up)
+                .count();
+            (h + up, t + s.backends.members().len())
         })
     }
 
